@@ -1,0 +1,103 @@
+"""Format verifiers: ``\\boxed{}`` usage and ``<think>...</think>`` structure.
+
+``format`` rewards exactly one non-empty, brace-balanced ``\\boxed{...}``; several boxes (hedging)
+or an unbalanced one score 0. ``think_format`` rewards a single ``<think>`` block followed by a
+non-empty answer, the layout of R1-style reasoning models.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from rewards.registry import completion_text, reward
+
+_BOXED = "\\boxed"
+_THINK_RE = re.compile(r"^\s*<think>(?P<thought>.*?)</think>(?P<answer>.*)$", re.DOTALL)
+
+
+def find_boxed(text: str) -> list[str | None]:
+    """Contents of every ``\\boxed`` in ``text``, in order; ``None`` where braces do not balance.
+
+    >>> find_boxed("a \\\\boxed{x^{2}} b \\\\boxed{3")
+    ['x^{2}', None]
+    """
+    found: list[str | None] = []
+    start = text.find(_BOXED)
+    while start != -1:
+        i = start + len(_BOXED)
+        while i < len(text) and text[i] in " \t":
+            i += 1
+        content = None
+        if i < len(text) and text[i] == "{":
+            depth, j = 0, i
+            while j < len(text):
+                if text[j] == "{":
+                    depth += 1
+                elif text[j] == "}":
+                    depth -= 1
+                    if depth == 0:
+                        content = text[i + 1 : j]
+                        break
+                j += 1
+        found.append(content)
+        start = text.find(_BOXED, i)
+    return found
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last well-formed, non-empty ``\\boxed{...}``, or None.
+
+    >>> last_boxed("\\\\boxed{1} then \\\\boxed{2}")
+    '2'
+    """
+    for content in reversed(find_boxed(text)):
+        if content is not None and content.strip():
+            return content.strip()
+    return None
+
+
+def has_boxed(text: str) -> bool:
+    """True if ``text`` holds at least one well-formed, non-empty ``\\boxed{...}``.
+
+    >>> has_boxed("so \\\\boxed{42}"), has_boxed("\\\\boxed{}")
+    (True, False)
+    """
+    return last_boxed(text) is not None
+
+
+@reward("format")
+def boxed_format_reward(completions: list[Any], **columns: Any) -> list[float]:
+    """1.0 if a completion holds exactly one non-empty, balanced ``\\boxed{...}``, else 0.0.
+
+    >>> boxed_format_reward(["\\\\boxed{7}", "\\\\boxed{7} or \\\\boxed{8}", "\\\\boxed{7", "7"])
+    [1.0, 0.0, 0.0, 0.0]
+    """
+    out = []
+    for completion in completions:
+        boxes = find_boxed(completion_text(completion))
+        ok = len(boxes) == 1 and boxes[0] is not None and bool(boxes[0].strip())
+        out.append(1.0 if ok else 0.0)
+    return out
+
+
+@reward("think_format")
+def think_format_reward(completions: list[Any], **columns: Any) -> list[float]:
+    """1.0 for ``<think>thought</think>answer`` with one non-empty thought and a non-empty answer.
+
+    >>> think_format_reward(["<think>2+2</think> 4", "<think></think>4", "4", "<think>a</think>"])
+    [1.0, 0.0, 0.0, 0.0]
+    """
+    out = []
+    for completion in completions:
+        text = completion_text(completion)
+        m = _THINK_RE.match(text)
+        ok = (
+            m is not None
+            and text.count("<think>") == 1
+            and text.count("</think>") == 1
+            and bool(m.group("thought").strip())
+            and bool(m.group("answer").strip())
+        )
+        out.append(1.0 if ok else 0.0)
+    return out

@@ -1,0 +1,146 @@
+"""Reduce a per-token loss [B, T] to a scalar (spec §0 "Aggregation modes"; verl ``agg_loss``).
+
+Modes (``m`` = mask, ``l`` = per-token loss):
+- ``token-mean``:              ``sum_{i,t} m l / num_tokens``            (default ``sum m``; DAPO §7.1)
+- ``seq-mean-token-mean``:     ``sum_i (sum_t m l / max(sum_t m, 1)) / num_seqs``  (default ``B``; GSPO §7.3)
+- ``seq-mean-token-sum``:      ``sum_{i,t} m l / num_seqs``              (default ``B``; Dr.GRPO paper form)
+- ``seq-mean-token-sum-norm``: ``sum_{i,t} m l / norm_length``           (default ``T``; verl Dr.GRPO §7.2,
+  note: NOT divided by the number of sequences)
+
+Micro-batching / data parallelism (STYLE.md #5): pass the *global* ``num_tokens`` / ``num_seqs`` /
+``norm_length`` of the whole mini-batch and each micro-batch's result becomes its exact share, so
+summing over micro-batches (and ranks) equals aggregating the full batch at once. The defaults use
+the local tensor and are only right when the call sees the whole batch.
+
+Departure: every divisor is clamped to >= 1 so an all-padding batch (or sequence) gives 0, not NaN.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from rlkit.algorithms.registry import AGGREGATIONS, register_aggregation
+
+Count = float | int | Tensor
+
+
+def _clamp_count(x: Count) -> Count:
+    if isinstance(x, Tensor):
+        return x.clamp(min=1)
+    return max(float(x), 1.0)
+
+
+def masked_sum(values_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """Sum of ``values_BT`` over positions where ``mask_BT`` is 1 (scalar)."""
+    return (values_BT * mask_BT.to(values_BT.dtype)).sum()
+
+
+def masked_mean(values_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """Mean of ``values_BT`` over positions where ``mask_BT`` is 1 (scalar; 0 if the mask is empty)."""
+    mask = mask_BT.to(values_BT.dtype)
+    return (values_BT * mask).sum() / mask.sum().clamp(min=1)
+
+
+@register_aggregation("token-mean")
+def token_mean(
+    loss_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    num_tokens: Count | None = None,
+    num_seqs: Count | None = None,
+    norm_length: Count | None = None,
+) -> Tensor:
+    """``sum_{i,t} m l / num_tokens`` (default ``num_tokens = sum m``)."""
+    if num_tokens is None:
+        num_tokens = mask_BT.sum()
+    return masked_sum(loss_BT, mask_BT) / _clamp_count(num_tokens)
+
+
+@register_aggregation("seq-mean-token-mean")
+def seq_mean_token_mean(
+    loss_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    num_tokens: Count | None = None,
+    num_seqs: Count | None = None,
+    norm_length: Count | None = None,
+) -> Tensor:
+    """``sum_i (sum_t m l / max(sum_t m, 1)) / num_seqs`` (default ``num_seqs = B``)."""
+    mask = mask_BT.to(loss_BT.dtype)
+    seq_means_B = (loss_BT * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    if num_seqs is None:
+        num_seqs = loss_BT.shape[0]
+    return seq_means_B.sum() / _clamp_count(num_seqs)
+
+
+@register_aggregation("seq-mean-token-sum")
+def seq_mean_token_sum(
+    loss_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    num_tokens: Count | None = None,
+    num_seqs: Count | None = None,
+    norm_length: Count | None = None,
+) -> Tensor:
+    """``sum_{i,t} m l / num_seqs`` (default ``num_seqs = B``)."""
+    if num_seqs is None:
+        num_seqs = loss_BT.shape[0]
+    return masked_sum(loss_BT, mask_BT) / _clamp_count(num_seqs)
+
+
+@register_aggregation("seq-mean-token-sum-norm")
+def seq_mean_token_sum_norm(
+    loss_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    num_tokens: Count | None = None,
+    num_seqs: Count | None = None,
+    norm_length: Count | None = None,
+) -> Tensor:
+    """``sum_{i,t} m l / norm_length`` (default ``norm_length = T``); not divided by ``B`` (§7.2).
+
+    Set ``norm_length`` to a constant such as ``max_response_length`` so the divisor does not
+    depend on how a micro-batch was padded.
+    """
+    if norm_length is None:
+        norm_length = loss_BT.shape[-1]
+    return masked_sum(loss_BT, mask_BT) / _clamp_count(norm_length)
+
+
+def aggregate(
+    loss_BT: Tensor,
+    mask_BT: Tensor,
+    mode: str,
+    *,
+    num_tokens: Count | None = None,
+    num_seqs: Count | None = None,
+    norm_length: Count | None = None,
+) -> Tensor:
+    """Reduce ``loss_BT`` [B, T] under ``mask_BT`` [B, T] to a scalar with aggregation ``mode``.
+
+    Args:
+        loss_BT: per-token loss, unreduced.
+        mask_BT: 1 for valid response tokens.
+        mode: one of ``AGGREGATIONS.names()``; unknown modes raise ``KeyError``.
+        num_tokens: global valid-token count (``token-mean``).
+        num_seqs: global sequence count (``seq-mean-*``).
+        norm_length: constant length divisor (``seq-mean-token-sum-norm``).
+
+    Returns:
+        scalar tensor.
+    """
+    if loss_BT.shape != mask_BT.shape:
+        raise ValueError(f"loss_BT {tuple(loss_BT.shape)} and mask_BT {tuple(mask_BT.shape)} differ")
+    fn = AGGREGATIONS.get(mode).fn
+    return fn(loss_BT, mask_BT, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
+
+
+__all__ = [
+    "aggregate",
+    "masked_mean",
+    "masked_sum",
+    "seq_mean_token_mean",
+    "seq_mean_token_sum",
+    "seq_mean_token_sum_norm",
+    "token_mean",
+]

@@ -1,0 +1,419 @@
+"""Typed configuration: one pydantic schema, YAML recipes composed from config groups, dotted overrides.
+
+Load order (later wins): schema defaults <- config groups named in the recipe's ``defaults`` list
+(``configs/<group>/<name>.yaml``, merged under the ``<group>`` section) <- the recipe body <- dotted
+CLI overrides (``train.lr=1e-5``). Unknown keys, wrong types and impossible combinations raise
+:class:`ConfigError` naming the dotted key and the nearest valid one, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported with the dotted key at fault."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class LoraConfig(_Section):
+    rank: int = Field(0, ge=0, description="LoRA rank; 0 disables LoRA (full fine-tune).")
+    alpha: float = Field(32.0, description="LoRA scaling numerator (lora_alpha).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: str | list[str] = Field("all-linear", description="Modules to adapt.")
+
+
+class ModelConfig(_Section):
+    name: str = Field("smollm2-135m-instruct", description="HF model directory or built-in alias.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="fp32 on CPU, bf16 on GPU.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    gradient_checkpointing: bool = False
+
+
+class DataConfig(_Section):
+    source: Literal["arithmetic", "jsonl", "parquet", "hf", "reasoning_gym"] = "arithmetic"
+    path: str | None = Field(None, description="File/dir for jsonl, parquet and hf sources.")
+    split: str | None = Field(None, description="Split name for hf sources.")
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    on_bad_row: Literal["error", "skip"] = "error"
+    generator: dict[str, Any] = Field(default_factory=dict, description="Generator/task kwargs.")
+    limit: int | None = Field(None, ge=1, description="Use at most this many rows in total.")
+    eval_size: int | float = Field(64, description="Held-out rows: a count, or a fraction < 1.")
+    system_prompt: str | None = None
+    prompt_template: str | None = Field(
+        "{prompt}\nPut your final answer within \\boxed{{}}.",
+        description="Python format string applied to string prompts ({prompt} and row columns).",
+    )
+    shuffle: bool = True
+
+
+class EngineConfig(_Section):
+    name: str = Field("hf", description="Rollout engine: hf (CPU/GPU transformers) or vllm.")
+    num_engines: int = Field(1, ge=1)
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    stop: list[str] = Field(default_factory=list)
+    max_batch_size: int = Field(64, ge=1, description="Sequences decoded together.")
+
+
+class LearnerConfig(_Section):
+    name: Literal["torch", "deepspeed"] = "torch"
+    lr: float = Field(1e-6, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up, in RL steps.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    grad_clip: float = Field(1.0, gt=0.0)
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward.")
+    num_threads: int | None = Field(None, ge=1, description="torch threads; default all cores.")
+
+
+class KLConfig(_Section):
+    beta: float = Field(0.0, ge=0.0, description="KL loss coefficient; 0 = no reference model.")
+    estimator: Literal["k1", "k2", "k3", "low_var_kl", "mse"] = "k3"
+
+
+class DynamicSamplingConfig(_Section):
+    enabled: bool = False
+    max_gen_batches: int = Field(3, ge=0, description="Generation rounds per step; 0 = unlimited.")
+
+
+class OverlongShapingConfig(_Section):
+    enabled: bool = False
+    buffer_len: int = Field(32, ge=1, description="L_cache: soft-penalty zone before the max length.")
+    penalty_factor: float = 1.0
+
+
+class AlgorithmConfig(_Section):
+    advantage: str = Field("grpo", description="Registered advantage estimator.")
+    advantage_params: dict[str, Any] = Field(default_factory=dict)
+    policy_loss: str = Field("ppo_clip", description="Registered policy loss.")
+    loss_params: dict[str, Any] = Field(default_factory=dict)
+    loss_agg: Literal[
+        "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+    ] = "token-mean"
+    norm_length: int | None = Field(None, description="Divisor for seq-mean-token-sum-norm.")
+    old_logprobs: Literal["auto", "recompute", "rollout"] = Field(
+        "auto", description="auto: reuse current logprobs when one update per batch (on-policy)."
+    )
+    kl: KLConfig = Field(default_factory=KLConfig)
+    dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
+    overlong_filter: bool = Field(False, description="Mask the loss of truncated samples.")
+    overlong_shaping: OverlongShapingConfig = Field(default_factory=OverlongShapingConfig)
+
+
+class TrainConfig(_Section):
+    steps: int = Field(20, ge=1, description="RL steps (rollout + update rounds).")
+    prompts_per_step: int = Field(8, ge=1)
+    samples_per_prompt: int = Field(8, ge=1, description="Group size G.")
+    ppo_epochs: int = Field(1, ge=1)
+    mini_batches: int = Field(1, ge=1, description="Optimizer steps per epoch over the batch.")
+
+
+class VerifierConfig(_Section):
+    name: str = Field(description="Registered name, module:function or file.py:function.")
+    weight: float = 1.0
+    timeout_s: float = Field(10.0, gt=0.0)
+    failure_value: float = 0.0
+
+
+class RewardConfig(_Section):
+    verifiers: list[VerifierConfig] = Field(
+        default_factory=lambda: [VerifierConfig(name="math"), VerifierConfig(name="format", weight=0.2)]
+    )
+    plugins: list[str] = Field(default_factory=list, description="Modules importing @reward defs.")
+    mode: Literal["process", "inline"] = "process"
+    num_workers: int = Field(1, ge=1)
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(10, ge=0, description="Save every N steps (and at the end); 0 = only at end.")
+    keep_last: int = Field(2, ge=1)
+    resume: Literal["auto", "never", "must"] = "auto"
+    export_final: bool = Field(True, description="Write an HF model/adapter dir to RUN_DIR/final.")
+
+
+class TrackingConfig(_Section):
+    tensorboard: bool = True
+    wandb: dict[str, Any] | None = Field(None, description="wandb.init kwargs; None disables.")
+    samples_per_step: int = Field(4, ge=0)
+    console: bool = True
+
+
+class EvalConfig(_Section):
+    before: bool = Field(False, description="Evaluate the initial model before training.")
+    after: bool = Field(False, description="Evaluate the trained model after training.")
+    max_new_tokens: int | None = Field(None, description="Default: engine.max_new_tokens.")
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy.")
+    num_samples: int = Field(1, ge=1, description="Samples per problem (pass@k uses k<=this).")
+    batch_size: int = Field(64, ge=1)
+
+
+class ClusterConfig(_Section):
+    address: str | None = Field(None, description="Ray address to join; None = local, loopback.")
+    num_cpus: int | None = Field(None, ge=1)
+    dashboard: bool = False
+
+
+class Config(_Section):
+    name: str = Field("run", description="Run name; the run dir is output_dir/name.")
+    output_dir: str = "runs"
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Config:
+        _check_combinations(self)
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.train.prompts_per_step * self.train.samples_per_prompt
+
+
+def _check_combinations(c: Config) -> None:
+    t, a = c.train, c.algorithm
+    if a.dynamic_sampling.enabled and t.samples_per_prompt < 2:
+        raise ValueError(
+            "algorithm.dynamic_sampling.enabled needs train.samples_per_prompt >= 2 "
+            "(a group of one has no reward variance)"
+        )
+    if c.samples_per_step % t.mini_batches:
+        raise ValueError(
+            f"train.mini_batches={t.mini_batches} must divide prompts_per_step*samples_per_prompt"
+            f"={c.samples_per_step}"
+        )
+    if a.kl.beta > 0 and c.learner.name != "torch" and c.model.lora.rank == 0:
+        raise ValueError("algorithm.kl.beta > 0 with the deepspeed learner needs model.lora.rank > 0")
+    if isinstance(c.data.eval_size, float) and not 0 < c.data.eval_size < 1:
+        raise ValueError("data.eval_size as a float must be a fraction in (0, 1)")
+    if c.data.source in ("jsonl", "parquet", "hf") and not c.data.path:
+        raise ValueError(f"data.path is required when data.source is {c.data.source!r}")
+    if not c.reward.verifiers:
+        raise ValueError("reward.verifiers must name at least one verifier")
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _fields_at(path: tuple, model: type[BaseModel] = Config) -> list[str]:
+    """Valid field names of the section at a dotted path (for suggestions)."""
+    cur: Any = model
+    for part in path:
+        if isinstance(part, int):
+            continue
+        f = getattr(cur, "model_fields", {}).get(part)
+        if f is None:
+            return []
+        ann = f.annotation
+        cur = next((x for x in _unwrap(ann) if isinstance(x, type) and issubclass(x, BaseModel)), None)
+        if cur is None:
+            return []
+    return list(getattr(cur, "model_fields", {}))
+
+
+def _unwrap(ann: Any) -> list[Any]:
+    args = getattr(ann, "__args__", None)
+    if not args:
+        return [ann]
+    out: list[Any] = []
+    for x in args:
+        out.extend(_unwrap(x))
+    return out
+
+
+def nearest(name: str, options: list[str] | tuple[str, ...]) -> str | None:
+    m = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return m[0] if m else None
+
+
+def _format_validation_error(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        key = ".".join(str(x) for x in loc) or "<config>"
+        if err["type"] == "extra_forbidden":
+            valid = _fields_at(loc[:-1])
+            hint = nearest(str(loc[-1]), valid)
+            msg = f"unknown key '{key}'"
+            msg += f"; did you mean '{'.'.join(map(str, (*loc[:-1], hint)))}'?" if hint else ""
+            msg += f" (valid keys here: {', '.join(valid)})" if valid else ""
+        elif err["type"] == "value_error":
+            msg = str(err["msg"]).removeprefix("Value error, ")
+        else:
+            msg = f"{key}: {err['msg']} (got {err.get('input')!r})"
+        lines.append(msg)
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def default_configs_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _resolve_group(entry: str, search: list[Path]) -> Path:
+    if "/" not in entry:
+        raise ConfigError(f"defaults entry '{entry}' must look like 'group/name' (e.g. algorithm/grpo)")
+    for d in search:
+        p = d / f"{entry}.yaml"
+        if p.is_file():
+            return p
+    group, name = entry.split("/", 1)
+    have = sorted({q.stem for d in search for q in (d / group).glob("*.yaml")})
+    hint = nearest(name, have)
+    raise ConfigError(
+        f"config group '{entry}' not found in {[str(d) for d in search]}"
+        + (f"; did you mean '{group}/{hint}'?" if hint else "")
+        + (f" (available in {group}/: {', '.join(have)})" if have else "")
+    )
+
+
+def compose(recipe: str | Path | None, overrides: list[str] = ()) -> dict:
+    """Merge config groups, the recipe and dotted overrides into one raw dict (not validated)."""
+    raw: dict = {}
+    body: dict = {}
+    search = [default_configs_dir()]
+    if recipe is not None:
+        rp = Path(recipe)
+        if not rp.is_file():
+            raise ConfigError(f"recipe not found: {rp}")
+        body = _read_yaml(rp)
+        search.insert(0, rp.resolve().parent.parent / "configs")
+    for entry in body.pop("defaults", []) or []:
+        group = entry.split("/", 1)[0]
+        part = _read_yaml(_resolve_group(entry, search))
+        raw = deep_merge(raw, {group: part} if group in Config.model_fields else part)
+    raw = deep_merge(raw, body)
+    for ov in overrides:
+        raw = deep_merge(raw, parse_override(ov))
+    return raw
+
+
+def parse_override(ov: str) -> dict:
+    """``a.b.c=value`` -> nested dict; the value is parsed as YAML (numbers, lists, null...)."""
+    if "=" not in ov:
+        raise ConfigError(f"override '{ov}' must look like key.sub=value")
+    key, val = ov.split("=", 1)
+    try:
+        value = yaml.safe_load(val) if val != "" else ""
+    except yaml.YAMLError:
+        value = val
+    out: Any = value
+    for part in reversed(key.strip().split(".")):
+        out = {part: out}
+    return out
+
+
+def build(raw: dict) -> Config:
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None
+    _check_registries(cfg)
+    return cfg
+
+
+def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Compose, validate and check names against the registries. Never loads a model."""
+    return build(compose(recipe, overrides))
+
+
+def _check_registries(cfg: Config) -> None:
+    from rlkit.algorithms import ADVANTAGES, POLICY_LOSSES
+
+    a = cfg.algorithm
+    for reg, key, name, params_key, kwargs in (
+        (ADVANTAGES, "algorithm.advantage", a.advantage, "algorithm.advantage_params", a.advantage_params),
+        (POLICY_LOSSES, "algorithm.policy_loss", a.policy_loss, "algorithm.loss_params", a.loss_params),
+    ):
+        try:
+            reg.get(name)
+        except KeyError as e:
+            raise ConfigError(f"{key}: {e.args[0]}") from None
+        try:
+            reg.build_params(name, kwargs)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{params_key}: {e}") from None
+    import rewards
+
+    rewards.load_plugins(cfg.reward.plugins)
+    for i, v in enumerate(cfg.reward.verifiers):
+        if ":" in v.name:
+            continue  # resolved (and imported) by the reward workers
+        if v.name not in rewards.list_rewards():
+            hint = nearest(v.name, rewards.list_rewards())
+            raise ConfigError(
+                f"reward.verifiers.{i}.name: unknown verifier '{v.name}'"
+                + (f"; did you mean '{hint}'?" if hint else "")
+                + f" (registered: {', '.join(rewards.list_rewards())})"
+            )
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    os.replace(tmp, p)
+
+
+def describe(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every field: the config reference."""
+    rows = []
+    for name, f in model.model_fields.items():
+        key = f"{prefix}{name}"
+        sub = next((x for x in _unwrap(f.annotation) if isinstance(x, type) and issubclass(x, BaseModel)), None)
+        if sub is not None and sub is not VerifierConfig:
+            rows.extend(describe(sub, key + "."))
+        else:
+            default = f.default_factory() if f.default_factory else f.default
+            rows.append((key, repr(default), f.description or ""))
+    return rows

@@ -1,0 +1,215 @@
+"""Turning rollouts into training experience: rewards, DAPO dynamic sampling, batches, advantages.
+
+Everything here is driver-side glue between the engines (:mod:`rollout`), the verifiers
+(:mod:`rewards`) and the pure algorithms (:mod:`rlkit.algorithms`). No method names are
+special-cased: the advantage estimator comes from the registry by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rlkit.algorithms import ADVANTAGES, AdvantageInputs, dynamic_sampling_keep_B, overlong_filter_mask
+from rlkit.batch import TrainBatch, build_batch
+from rlkit.config import Config
+from rollout.engine import Completion, RolloutRequest, SamplingParams
+
+
+def step_seed(seed: int, *parts: int) -> int:
+    """A stable 31-bit seed for (run seed, step, round...): resumed runs sample the same tokens."""
+    h = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+@dataclass
+class Group:
+    """The G completions of one prompt with their rewards."""
+
+    row: dict[str, Any]
+    prompt_ids: list[int]
+    completions: list[Completion]
+    rewards: list[float] = field(default_factory=list)
+    per_verifier: dict[str, list[float]] = field(default_factory=dict)
+
+
+def sampling_params(cfg: Config, *, n: int, seed: int, greedy: bool = False, max_new_tokens: int | None = None):
+    e = cfg.engine
+    return SamplingParams(
+        max_new_tokens=max_new_tokens or e.max_new_tokens,
+        temperature=0.0 if greedy else e.temperature,
+        top_p=e.top_p,
+        top_k=e.top_k,
+        n=n,
+        stop=tuple(e.stop),
+        return_entropy=False,
+        seed=seed,
+    )
+
+
+def generate(engines, requests: list[RolloutRequest]) -> tuple[list[Completion], float]:
+    """Shard requests over engine actors (round-robin by request); keep request order."""
+    import ray
+
+    shards = [requests[i :: len(engines)] for i in range(len(engines))]
+    futs = [e.generate.remote(s) for e, s in zip(engines, shards) if s]
+    results = ray.get(futs)
+    per_req: list[list[Completion]] = [None] * len(requests)  # type: ignore[list-item]
+    for k, (comps, _secs) in enumerate(results):
+        idxs = list(range(k, len(requests), len(engines)))
+        off = 0
+        for i in idxs:
+            n = requests[i].params.n
+            per_req[i] = comps[off : off + n]
+            off += n
+    return [c for cs in per_req for c in cs], max(s for _, s in results)
+
+
+def score_groups(groups: list[Group], manager, answer_columns: list[str] | None = None) -> dict[str, float]:
+    """Run the verifiers on every completion; fills ``group.rewards``. Returns reward metrics."""
+    texts, columns = [], {}
+    keys = sorted({k for g in groups for k in g.row if k != "prompt"})
+    for g in groups:
+        for c in g.completions:
+            texts.append(c.text)
+            for k in keys:
+                columns.setdefault(k, []).append(g.row.get(k))
+    totals, metrics, per_verifier = manager.score(texts, columns)
+    i = 0
+    for g in groups:
+        n = len(g.completions)
+        g.rewards = [float(x) for x in totals[i : i + n]]
+        g.per_verifier = {name: vals[i : i + n] for name, vals in per_verifier.items()}
+        i += n
+    return metrics
+
+
+def overlong_shaping(groups: list[Group], cfg: Config) -> None:
+    """DAPO soft overlong punishment (spec §6e) added to each reward, L_max = max_new_tokens."""
+    from rewards.length import dapo_overlong_penalty
+
+    o = cfg.algorithm.overlong_shaping
+    for g in groups:
+        for j, c in enumerate(g.completions):
+            g.rewards[j] += dapo_overlong_penalty(
+                len(c.token_ids), max_len=cfg.engine.max_new_tokens, buffer_len=o.buffer_len,
+                penalty_factor=o.penalty_factor,
+            )
+
+
+def keep_informative(groups: list[Group]) -> list[Group]:
+    """DAPO dynamic sampling: keep groups whose rewards are not all equal (spec §7.1)."""
+    if not groups:
+        return []
+    rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float64)
+    gids = torch.tensor([i for i, g in enumerate(groups) for _ in g.rewards])
+    keep = dynamic_sampling_keep_B(rewards, gids)
+    return [g for i, g in enumerate(groups) if bool(keep[gids == i].all())]
+
+
+def make_batch(groups: list[Group], cfg: Config, pad_id: int) -> tuple[TrainBatch, torch.Tensor]:
+    """Pack groups into a TrainBatch with advantages; returns (batch, rewards_B)."""
+    prompts, responses, lps, gids, rewards, trunc = [], [], [], [], [], []
+    for gi, g in enumerate(groups):
+        for c, r in zip(g.completions, g.rewards):
+            prompts.append(g.prompt_ids)
+            responses.append(c.token_ids)
+            lps.append(c.logprobs)
+            gids.append(gi)
+            rewards.append(r)
+            trunc.append(c.truncated)
+    batch = build_batch(prompts, responses, pad_id=pad_id, rollout_logprobs=lps,
+                        temperature=cfg.engine.temperature or 1.0)
+    rewards_B = torch.tensor(rewards, dtype=torch.float32)
+    if cfg.algorithm.overlong_filter:
+        batch.response_mask_BT = overlong_filter_mask(batch.response_mask_BT, torch.tensor(trunc))
+    a = cfg.algorithm
+    entry = ADVANTAGES.get(a.advantage)
+    inputs = AdvantageInputs(
+        rewards_B=rewards_B,
+        group_ids_B=torch.tensor(gids, dtype=torch.long),
+        response_mask_BT=batch.response_mask_BT,
+        response_ids_BT=batch.response_ids_BT,
+    )
+    batch.advantages_BT = entry.fn(inputs, ADVANTAGES.build_params(a.advantage, a.advantage_params)).float()
+    return batch, rewards_B
+
+
+def rollout_metrics(groups: list[Group], acc_key: str | None) -> dict[str, float]:
+    comps = [c for g in groups for c in g.completions]
+    rewards = [r for g in groups for r in g.rewards]
+    lens = [len(c.token_ids) for c in comps]
+    m = {
+        "reward/mean": statistics.fmean(rewards) if rewards else 0.0,
+        "reward/std": statistics.pstdev(rewards) if len(rewards) > 1 else 0.0,
+        "response/len_mean": statistics.fmean(lens) if lens else 0.0,
+        "response/len_max": float(max(lens, default=0)),
+        "response/clip_rate": statistics.fmean([c.truncated for c in comps]) if comps else 0.0,
+    }
+    if acc_key:
+        accs = [v for g in groups for v in g.per_verifier.get(acc_key, [])]
+        if accs:
+            m["acc/mean"] = statistics.fmean(1.0 if v >= 1.0 else 0.0 for v in accs)
+    return m
+
+
+def collect(step: int, cfg: Config, engines, cursor, rows, encode, manager, tracker_print=None):
+    """Generate and score until the step has ``prompts_per_step`` groups (DAPO refill if enabled).
+
+    Returns (groups, metrics). ``encode(row) -> prompt token ids``.
+    """
+    t = cfg.train
+    ds = cfg.algorithm.dynamic_sampling
+    kept: list[Group] = []
+    m: dict[str, float] = {"time/gen_s": 0.0, "time/reward_s": 0.0}
+    all_groups: list[Group] = []
+    rounds = 0
+    reward_metrics: dict[str, float] = {}
+    while True:
+        rounds += 1
+        idx = cursor.next_indices(t.prompts_per_step)
+        batch_rows = [rows[i] for i in idx]
+        params = sampling_params(cfg, n=t.samples_per_prompt, seed=step_seed(cfg.seed, step, rounds))
+        reqs = [RolloutRequest(prompt_ids=encode(r), params=params, group_id=k) for k, r in enumerate(batch_rows)]
+        comps, gen_s = generate(engines, reqs)
+        m["time/gen_s"] += gen_s
+        groups = [
+            Group(row=r, prompt_ids=q.prompt_ids, completions=comps[k * t.samples_per_prompt : (k + 1) * t.samples_per_prompt])
+            for k, (r, q) in enumerate(zip(batch_rows, reqs))
+        ]
+        t0 = time.perf_counter()
+        reward_metrics = _merge_counts(reward_metrics, score_groups(groups, manager))
+        if cfg.algorithm.overlong_shaping.enabled:
+            overlong_shaping(groups, cfg)
+        m["time/reward_s"] += time.perf_counter() - t0
+        all_groups += groups
+        if not ds.enabled:
+            kept = groups
+            break
+        kept += keep_informative(groups)
+        if len(kept) >= t.prompts_per_step:
+            break
+        if ds.max_gen_batches and rounds >= ds.max_gen_batches:
+            if tracker_print:
+                tracker_print(f"step {step}: dynamic sampling kept {len(kept)}/{t.prompts_per_step} groups "
+                              f"after {rounds} rounds; training on what was kept")
+            break
+    kept = kept[: t.prompts_per_step]
+    m.update(reward_metrics)
+    m["rollout/gen_rounds"] = float(rounds)
+    m["rollout/kept_groups"] = float(len(kept))
+    return kept, all_groups, m
+
+
+def _merge_counts(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Merge reward metrics across refill rounds: counters add up, other values take the latest."""
+    out = dict(a)
+    for k, v in b.items():
+        counter = k.endswith(("failures", "timeouts", "none"))
+        out[k] = out.get(k, 0.0) + v if counter else v
+    return out

@@ -1,0 +1,1 @@
+"""Learners: the torch learner (single process) and, later, DeepSpeed ZeRO learners."""

@@ -1,0 +1,237 @@
+"""Single-process torch learner: logprobs/entropy, micro-batched PPO-style updates, AdamW, LoRA.
+
+The policy loss, aggregation and KL come from the registries in :mod:`rlkit.algorithms`; the
+learner never branches on a method's name. Aggregation uses the token/sequence counts of the whole
+mini-batch, so the gradient does not depend on ``micro_batch_size`` (tested).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rlkit.algorithms import POLICY_LOSSES, PolicyLossInputs, aggregate, kl_penalty
+from rlkit.batch import TrainBatch, pad_to
+from rlkit.config import AlgorithmConfig, LearnerConfig, ModelConfig, TrainConfig
+
+
+def lr_lambda(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    """LR multiplier at RL step ``step`` (0-based): linear warm-up, then constant/linear/cosine."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 1.0 - frac if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def response_logprobs(
+    model: torch.nn.Module, mb: TrainBatch, *, with_entropy: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs (and entropy) of the response tokens under ``model``; one forward pass.
+
+    Returns ``logprobs_BT`` (with grad if enabled) and ``entropy_BT`` (detached) for ``mb``'s T.
+    """
+    ids, attn = mb.input_ids_BS, mb.attention_mask_BS
+    T = ids.shape[1] - mb.prompt_width
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1, use_cache=False)
+    logits = out.logits[:, -(T + 1) : -1].float()  # position t predicts response token t
+    if mb.temperature and mb.temperature != 1.0:
+        logits = logits / mb.temperature
+    logz = torch.logsumexp(logits, dim=-1)
+    tok = mb.response_ids_BT.unsqueeze(-1)
+    logprobs = logits.gather(-1, tok).squeeze(-1) - logz
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            p = torch.softmax(logits.detach(), dim=-1)
+            entropy = logz.detach() - (p * logits.detach()).sum(-1)
+    return logprobs, entropy
+
+
+class TorchLearner:
+    """Holds the trainable policy (+ optional frozen reference) and its optimizer."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        model_cfg: ModelConfig,
+        learner_cfg: LearnerConfig,
+        algo_cfg: AlgorithmConfig,
+        train_cfg: TrainConfig,
+        seed: int = 0,
+    ) -> None:
+        from rlkit.models import load_model
+
+        torch.manual_seed(seed)
+        if learner_cfg.num_threads:
+            torch.set_num_threads(learner_cfg.num_threads)
+        self.cfg, self.algo, self.train_cfg = learner_cfg, algo_cfg, train_cfg
+        lora = model_cfg.lora.model_dump() if model_cfg.lora.rank > 0 else None
+        self.lora = lora is not None
+        self.model = load_model(
+            model_path,
+            dtype=model_cfg.dtype,
+            lora=lora,
+            gradient_checkpointing=model_cfg.gradient_checkpointing,
+        )
+        self.model.train()
+        self.ref_model = None
+        if algo_cfg.kl.beta > 0 and not self.lora:
+            self.ref_model = load_model(model_path, dtype=model_cfg.dtype).eval()
+            self.ref_model.requires_grad_(False)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=learner_cfg.lr, betas=learner_cfg.betas, weight_decay=learner_cfg.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_lambda(
+                s, warmup=learner_cfg.warmup_steps, total=train_cfg.steps, schedule=learner_cfg.lr_schedule
+            ),
+        )
+        self.loss_entry = POLICY_LOSSES.get(algo_cfg.policy_loss)
+        self.loss_params = POLICY_LOSSES.build_params(algo_cfg.policy_loss, algo_cfg.loss_params)
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.num_trainable = sum(p.numel() for p in params)
+
+    # ------------------------------------------------------------------ forward-only passes
+    @torch.no_grad()
+    def compute_logprobs(self, batch: TrainBatch, *, reference: bool = False) -> Tensor:
+        """Log-probs of the responses under the current (or reference) policy: float [B, T]."""
+        T = batch.response_mask_BT.shape[1]
+        out = torch.zeros_like(batch.response_mask_BT)
+        for idx in self._micro_batches(batch, range(len(batch))):
+            mb = batch.select(idx)
+            if reference and self.lora:
+                with self.model.disable_adapter():
+                    lp, _ = response_logprobs(self.model, mb, with_entropy=False)
+            else:
+                model = self.ref_model if reference else self.model
+                lp, _ = response_logprobs(model, mb, with_entropy=False)
+            out[idx] = pad_to(lp, T)
+        return out * batch.response_mask_BT
+
+    # ------------------------------------------------------------------ update
+    def _micro_batches(self, batch: TrainBatch, rows) -> list[list[int]]:
+        """Split rows into micro-batches of similar length (less padding; results unchanged)."""
+        rows = list(rows)
+        lens = batch.attention_mask_BS[rows].sum(1).tolist()
+        order = [r for _, r in sorted(zip(lens, rows), key=lambda x: -x[0])]
+        n = self.cfg.micro_batch_size
+        return [order[i : i + n] for i in range(0, len(order), n)]
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """PPO epochs over mini-batches; returns averaged metrics (namespaced ``actor/``)."""
+        t0 = time.perf_counter()
+        algo = self.algo
+        self.model.train()
+        on_policy = algo.old_logprobs == "auto" and self.train_cfg.ppo_epochs * self.train_cfg.mini_batches == 1
+        if algo.old_logprobs == "rollout":
+            batch.old_logprobs_BT = batch.rollout_logprobs_BT
+        elif not on_policy:
+            batch.old_logprobs_BT = self.compute_logprobs(batch)
+        if algo.kl.beta > 0:
+            batch.ref_logprobs_BT = self.compute_logprobs(batch, reference=True)
+        B, T = batch.response_mask_BT.shape
+        norm_length = float(algo.norm_length or T)
+        sums: dict[str, float] = {}
+        n_updates = 0
+        gen = torch.Generator().manual_seed(int(self.scheduler.last_epoch))
+        for _epoch in range(self.train_cfg.ppo_epochs):
+            perm = torch.randperm(B, generator=gen).tolist() if self.train_cfg.mini_batches > 1 else list(range(B))
+            size = B // self.train_cfg.mini_batches
+            for m in range(self.train_cfg.mini_batches):
+                rows = perm[m * size : (m + 1) * size]
+                stats = self._update(batch, rows, norm_length, on_policy)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_updates += 1
+        self.scheduler.step()
+        metrics = {k: v / n_updates for k, v in sums.items()}
+        metrics["actor/lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["time/train_s"] = time.perf_counter() - t0
+        return metrics
+
+    def _update(self, batch: TrainBatch, rows: list[int], norm_length: float, on_policy: bool) -> dict[str, float]:
+        algo = self.algo
+        mask_all = batch.response_mask_BT[rows]
+        num_tokens = float(mask_all.sum().clamp(min=1.0))
+        num_seqs = float(len(rows))
+        agg = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
+        self.optimizer.zero_grad(set_to_none=True)
+        acc: dict[str, float] = {}
+        for idx in self._micro_batches(batch, rows):
+            mb = batch.select(idx)
+            lp, ent = response_logprobs(self.model, mb, with_entropy=True)
+            mask = mb.response_mask_BT
+            old = lp.detach() if on_policy else mb.old_logprobs_BT
+            inp = PolicyLossInputs(
+                logprobs_BT=lp, old_logprobs_BT=old, advantages_BT=mb.advantages_BT,
+                response_mask_BT=mask, entropy_BT=ent,
+            )
+            loss_BT, lm = self.loss_entry.fn(inp, self.loss_params)
+            pg = aggregate(loss_BT, mask, algo.loss_agg, **agg)
+            loss = pg
+            w = float(mask.sum()) / num_tokens  # token share of this micro-batch, for metrics
+            if algo.kl.beta > 0:
+                kl_BT = kl_penalty(lp, mb.ref_logprobs_BT, algo.kl.estimator)
+                kl = aggregate(kl_BT, mask, algo.loss_agg, **agg)
+                loss = loss + algo.kl.beta * kl
+                acc["actor/kl"] = acc.get("actor/kl", 0.0) + float((kl_BT * mask).sum()) / num_tokens
+            loss.backward()
+            acc["actor/pg_loss"] = acc.get("actor/pg_loss", 0.0) + float(pg.detach())
+            acc["actor/entropy"] = acc.get("actor/entropy", 0.0) + float((ent * mask).sum()) / num_tokens
+            for k, v in lm.items():
+                acc[f"actor/{k}"] = acc.get(f"actor/{k}", 0.0) + float(v) * w
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        gn = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        if torch.isfinite(gn):
+            self.optimizer.step()
+        else:
+            acc["actor/skipped_nonfinite"] = 1.0
+        acc["actor/grad_norm"] = float(gn)
+        return acc
+
+    # ------------------------------------------------------------------ sync / checkpoint
+    def state_for_sync(self) -> dict[str, Tensor]:
+        """Tensors the engines need: the adapter only under LoRA, else all weights."""
+        if self.lora:
+            from peft import get_peft_model_state_dict
+
+            return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "model_state": self.state_for_sync(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "scheduler_state": self.scheduler.state_dict(),
+        }
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        if self.lora:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, state["model_state"])
+        else:
+            self.model.load_state_dict(state["model_state"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer_state"])
+        self.scheduler.load_state_dict(state["scheduler_state"])
+
+    def export(self, out_dir: str, tokenizer_path: str) -> str:
+        """Write a plain HF model dir (full FT) or a PEFT adapter dir (LoRA), with the tokenizer."""
+        from rlkit.checkpoint import export_hf
+        from rlkit.models import load_tokenizer
+
+        export_hf(self.model, load_tokenizer(tokenizer_path), out_dir)
+        return out_dir
+
+    def info(self) -> dict[str, int]:
+        return {"params": self.num_params, "trainable": self.num_trainable}

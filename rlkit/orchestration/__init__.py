@@ -1,0 +1,1 @@
+"""Ray actors, placement and weight sync."""

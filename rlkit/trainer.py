@@ -1,0 +1,205 @@
+"""The RL loop: generate -> score -> advantages -> update -> sync weights -> log / checkpoint.
+
+``Trainer.run`` reads top to bottom; every stage is a named function in :mod:`rlkit.experience`,
+:mod:`rlkit.orchestration.ray_actors`, :mod:`rlkit.checkpoint` or :mod:`rlkit.tracking`.
+Resuming restores weights, optimizer, scheduler, RNG and the data cursor, and every sampling seed
+is derived from (seed, step), so a resumed run logs the same metrics as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from rlkit import experience as X
+from rlkit.config import Config, save_config
+
+
+def _fault_injection(step: int) -> None:
+    """Test hook: ``RLKIT_KILL_AT_STEP=N`` SIGKILLs this process in the middle of step N."""
+    at = os.environ.get("RLKIT_KILL_AT_STEP")
+    if at and int(at) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, resume: bool | None = None):
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+        self.resume = resume
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self) -> None:
+        from rewards import RewardManager, VerifierSpec
+        from rlkit.checkpoint import latest_checkpoint
+        from rlkit.data import PromptCursor, load_rows, split_rows
+        from rlkit.models import load_tokenizer, resolve_model_path
+
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = latest_checkpoint(self.run_dir)
+        if cfg.checkpoint.resume == "must" and ckpt is None:
+            raise FileNotFoundError(f"checkpoint.resume=must but no checkpoint in {self.run_dir}")
+        if self.resume is False or cfg.checkpoint.resume == "never":
+            ckpt = None
+        self.ckpt_path = ckpt
+        save_config(cfg, self.run_dir / "config.yaml")
+
+        self.model_path = resolve_model_path(cfg.model.name)
+        self.tokenizer = load_tokenizer(self.model_path)
+        d = cfg.data
+        rows, stats = load_rows(
+            d.source, path=d.path, split=d.split, prompt_key=d.prompt_key, answer_key=d.answer_key,
+            on_bad_row=d.on_bad_row, generator_kwargs=d.generator, seed=cfg.seed, limit=d.limit,
+        )
+        self.data_stats = stats
+        self.train_rows, self.eval_rows = split_rows(rows, d.eval_size, cfg.seed)
+        if not self.train_rows:
+            raise ValueError("no training rows left after the eval split; lower data.eval_size")
+        self.cursor = PromptCursor(len(self.train_rows), cfg.seed, shuffle=d.shuffle)
+        self._prompt_cache: dict[int, list[int]] = {}
+        self.manager = RewardManager(
+            [VerifierSpec(v.name, v.weight, v.timeout_s, v.failure_value) for v in cfg.reward.verifiers],
+            plugins=cfg.reward.plugins, num_workers=cfg.reward.num_workers, mode=cfg.reward.mode,
+        )
+        names = [v.name for v in cfg.reward.verifiers]
+        self.acc_key = "math" if "math" in names else names[0]
+
+        from rlkit.orchestration.ray_actors import init_ray, spawn_actors
+
+        init_ray(cfg)
+        engine_kwargs = {"dtype": cfg.model.dtype, "max_batch_size": cfg.engine.max_batch_size, "seed": cfg.seed}
+        if cfg.model.lora.rank > 0:
+            engine_kwargs["lora"] = cfg.model.lora.model_dump()
+        self.learner, self.engines = spawn_actors(cfg, self.model_path, engine_kwargs)
+
+    def encode(self, row: dict) -> list[int]:
+        from rlkit.data import format_prompt
+        from rlkit.models import apply_chat_template
+
+        key = id(row)
+        if key not in self._prompt_cache:
+            msgs = format_prompt(row, self.cfg.data.system_prompt, self.cfg.data.prompt_template)
+            self._prompt_cache[key] = apply_chat_template(self.tokenizer, msgs)
+        return self._prompt_cache[key]
+
+    # ------------------------------------------------------------------ checkpoint
+    def _restore(self) -> int:
+        import ray
+
+        from rlkit.checkpoint import load_checkpoint, restore_rng_state
+
+        if self.ckpt_path is None:
+            return 0
+        state = load_checkpoint(self.ckpt_path)
+        ray.get(self.learner.load_checkpoint_state.remote(state))
+        ts = state["trainer_state"]
+        self.cursor.load_state_dict(ts["cursor"])
+        restore_rng_state(ts["rng"])
+        return int(state["step"])
+
+    def _save(self, step: int) -> Path:
+        import ray
+
+        from rlkit.checkpoint import capture_rng_state, save_checkpoint
+
+        st = ray.get(self.learner.checkpoint_state.remote())
+        return save_checkpoint(
+            self.run_dir, step, model_state=st["model_state"], optimizer_state=st["optimizer_state"],
+            scheduler_state=st["scheduler_state"], keep_last=self.cfg.checkpoint.keep_last,
+            trainer_state={"cursor": self.cursor.state_dict(), "rng": capture_rng_state(), "step": step},
+        )
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> dict[str, Any]:
+        from rlkit.orchestration.ray_actors import sync_weights
+        from rlkit.tracking import Tracker
+
+        cfg = self.cfg
+        t_setup = time.perf_counter()
+        self._setup()
+        start = self._restore()
+        if start:
+            sync_weights(self.learner, self.engines, start)
+        tr = cfg.tracking
+        summary: dict[str, Any] = {"run_dir": str(self.run_dir), "resumed_from": start}
+        with Tracker(self.run_dir, total_steps=cfg.train.steps, start_step=start + 1,
+                     tensorboard=tr.tensorboard, wandb=tr.wandb, console=tr.console) as tracker:
+            tracker.print(f"rlkit: run dir {self.run_dir} | setup {time.perf_counter() - t_setup:.1f}s"
+                          + (f" | resumed after step {start}" if start else ""))
+            if cfg.eval.before and not start:
+                summary["eval_before"] = self.evaluate(tracker, "before")
+            for step in range(start + 1, cfg.train.steps + 1):
+                metrics = self.step(step, tracker)
+                tracker.log(step, metrics)
+                if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps:
+                    self._save(step)
+            if cfg.checkpoint.export_final:
+                import ray
+
+                out = str(self.run_dir / "final")
+                ray.get(self.learner.export.remote(out, self.model_path))
+                summary["final"] = out
+            if cfg.eval.after:
+                summary["eval_after"] = self.evaluate(tracker, "after")
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.close()
+        return summary
+
+    def step(self, step: int, tracker) -> dict[str, float]:
+        import ray
+
+        from rlkit.orchestration.ray_actors import sync_weights
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        groups, all_groups, m = X.collect(step, cfg, self.engines, self.cursor, self.train_rows,
+                                          self.encode, self.manager, tracker.print)
+        _fault_injection(step)
+        m.update(X.rollout_metrics(all_groups, self.acc_key))
+        if groups:
+            batch, _ = X.make_batch(groups, cfg, self.tokenizer.pad_token_id)
+            m.update(ray.get(self.learner.train_step.remote(batch)))
+            m["time/sync_s"] = sync_weights(self.learner, self.engines, step)
+        else:
+            tracker.print(f"step {step}: no informative group; update skipped")
+        gen_tokens = sum(len(c.token_ids) for g in all_groups for c in g.completions)
+        m["time/step_s"] = time.perf_counter() - t0
+        m["perf/gen_tokens_per_s"] = gen_tokens / max(m["time/gen_s"], 1e-9)
+        m["perf/tokens_per_s"] = gen_tokens / m["time/step_s"]
+        self._log_samples(step, all_groups, tracker)
+        return m
+
+    def _log_samples(self, step: int, groups: list[X.Group], tracker) -> None:
+        k = self.cfg.tracking.samples_per_step
+        if not k:
+            return
+        samples = []
+        for g in groups[:k]:
+            c, r = g.completions[0], g.rewards[0]
+            prompt = g.row["prompt"] if isinstance(g.row["prompt"], str) else g.row["prompt"][-1]["content"]
+            samples.append({"prompt": prompt, "completion": c.text, "reward": r, "answer": g.row.get("answer"),
+                            "finish_reason": c.finish_reason, "tokens": len(c.token_ids)})
+        tracker.log_samples(step, samples)
+
+    def evaluate(self, tracker, tag: str) -> dict[str, float]:
+        from rlkit.evaluate import evaluate_rows, format_table
+
+        def gen(reqs):
+            return X.generate(self.engines, reqs)[0]
+
+        res = evaluate_rows(self.cfg, self.eval_rows, self.encode, gen)
+        tracker.print(f"eval ({tag}, {len(self.eval_rows)} held-out problems):\n" + format_table({tag: res}))
+        (self.run_dir / f"eval_{tag}.json").write_text(json.dumps(res, indent=2))
+        return res
+
+    def close(self) -> None:
+        self.manager.close()
+        import ray
+
+        if ray.is_initialized() and not self.cfg.cluster.address:
+            ray.shutdown()

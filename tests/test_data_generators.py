@@ -1,0 +1,122 @@
+"""Tests for the built-in prompt generators and their `load_rows` sources."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+
+import pytest
+
+from rlkit.data import DataError, load_rows
+from rlkit.generators import evaluate_terms, generate_arithmetic
+
+HAS_REASONING_GYM = importlib.util.find_spec("reasoning_gym") is not None
+
+_NUMBERS = re.compile(r"\d+")
+
+
+def _eval_expression(prompt: str) -> int:
+    """Evaluate 'What is 3 + (-2) * 4?' with Python itself (an independent reference)."""
+    match = re.fullmatch(r"What is ([-+*() \d]+)\?", prompt)
+    assert match, prompt
+    return int(eval(match.group(1), {"__builtins__": {}}))  # digits/ops/parens only
+
+
+def _word_answer(prompt: str) -> int:
+    """Word problems hold two numbers; adding or removing is told by the story's verb."""
+    a, b = (int(x) for x in _NUMBERS.findall(prompt))
+    removes = any(w in prompt for w in ("gives", "takes", "used", "removes"))
+    return a - b if removes else a + b
+
+
+def test_arithmetic_deterministic_and_seed_dependent() -> None:
+    assert generate_arithmetic(50, seed=7) == generate_arithmetic(50, seed=7)
+    assert generate_arithmetic(50, seed=7) != generate_arithmetic(50, seed=8)
+    assert generate_arithmetic(0) == []
+
+
+def test_arithmetic_word_problem_answers_are_correct() -> None:
+    rows = generate_arithmetic(300, seed=0)
+    assert all(set(r) == {"prompt", "answer"} for r in rows)
+    assert all(not r["prompt"].startswith("What is") for r in rows)
+    assert all(int(r["answer"]) == _word_answer(r["prompt"]) for r in rows)
+    assert all(int(r["answer"]) >= 0 for r in rows)
+    assert len({r["prompt"] for r in rows}) == 300  # no duplicate prompts
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"word_problems": False},
+    {"n_terms": 4, "ops": ("+", "-", "*")},
+    {"ops": ("*",), "max_value": 12},
+    {"n_terms": 3, "min_value": -20, "max_value": 20, "allow_negative": True},
+    {"n_terms": 4, "ops": ("-",), "min_value": 1, "max_value": 30},
+])
+def test_arithmetic_expression_answers_match_eval(kwargs: dict) -> None:
+    rows = generate_arithmetic(200, seed=1, **kwargs)
+    assert all(r["prompt"].startswith("What is") for r in rows)
+    assert all(int(r["answer"]) == _eval_expression(r["prompt"]) for r in rows)
+    if not kwargs.get("allow_negative"):
+        assert all(int(r["answer"]) >= 0 for r in rows)
+    values = [int(x) for r in rows for x in re.findall(r"-?\d+", r["prompt"])]
+    assert min(values) >= kwargs.get("min_value", 1) and max(values) <= kwargs.get("max_value", 99)
+
+
+def test_arithmetic_negative_answers_when_allowed() -> None:
+    rows = generate_arithmetic(200, seed=2, ops=("-",), word_problems=False, allow_negative=True)
+    assert any(int(r["answer"]) < 0 for r in rows)
+
+
+def test_arithmetic_tiny_space_allows_duplicates() -> None:
+    rows = generate_arithmetic(20, seed=0, min_value=1, max_value=1, ops=("*",))
+    assert rows == [{"prompt": "What is 1 * 1?", "answer": "1"}] * 20
+
+
+def test_arithmetic_validates_arguments() -> None:
+    with pytest.raises(ValueError, match="non-negative"):
+        generate_arithmetic(3, n_terms=3, ops=("-",), min_value=5, max_value=9)
+    with pytest.raises(ValueError, match="ops"):
+        generate_arithmetic(3, ops=("/",))
+    with pytest.raises(ValueError, match="min_value"):
+        generate_arithmetic(3, min_value=5, max_value=1)
+    with pytest.raises(ValueError, match="n_terms"):
+        generate_arithmetic(3, n_terms=1)
+
+
+def test_evaluate_terms_precedence() -> None:
+    assert evaluate_terms([2, 3, 4, 5], ["*", "+", "*"]) == 26
+    assert evaluate_terms([10, 2, 3], ["-", "*"]) == 4
+
+
+def test_arithmetic_source_via_load_rows() -> None:
+    rows, stats = load_rows("arithmetic", seed=5, generator_kwargs={"size": 40, "n_terms": 3})
+    assert stats["rows"] == 40 and stats["skipped"] == 0
+    assert rows == generate_arithmetic(40, seed=5, n_terms=3)
+    assert len(load_rows("arithmetic", limit=7)[0]) == 7  # size defaults to limit
+    with pytest.raises(DataError, match="bad generator_kwargs"):
+        load_rows("arithmetic", generator_kwargs={"size": 3, "colour": "red"})
+    with pytest.raises(DataError, match="may not set"):
+        load_rows("arithmetic", generator_kwargs={"seed": 3})
+
+
+@pytest.mark.skipif(not HAS_REASONING_GYM, reason="reasoning_gym is not installed")
+def test_reasoning_gym_source() -> None:
+    kwargs = {"task": "basic_arithmetic", "size": 8, "min_terms": 2, "max_terms": 3}
+    rows, stats = load_rows("reasoning_gym", seed=3, generator_kwargs=kwargs)
+    assert stats["rows"] == 8
+    assert rows == load_rows("reasoning_gym", seed=3, generator_kwargs=kwargs)[0]
+    for row in rows:
+        assert set(row) == {"prompt", "answer", "metadata"}
+        assert isinstance(row["prompt"], str) and row["prompt"]
+        assert isinstance(row["answer"], str)
+        meta = json.loads(row["metadata"])
+        assert meta["source_dataset"] == "basic_arithmetic"
+        assert 2 <= meta["num_terms"] <= 3
+
+
+@pytest.mark.skipif(not HAS_REASONING_GYM, reason="reasoning_gym is not installed")
+def test_reasoning_gym_errors() -> None:
+    with pytest.raises(DataError, match="needs generator_kwargs"):
+        load_rows("reasoning_gym", generator_kwargs={"size": 2})
+    with pytest.raises(ValueError, match="no_such_task"):
+        load_rows("reasoning_gym", generator_kwargs={"task": "no_such_task", "size": 2})

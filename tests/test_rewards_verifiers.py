@@ -1,0 +1,68 @@
+"""Built-in verifiers: math (math-verify), format, think_format."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from rewards.format import boxed_format_reward, find_boxed, has_boxed, think_format_reward
+from rewards.math import extract_answer, math_reward
+
+
+@pytest.mark.parametrize(
+    "completion, answer, expected",
+    [
+        ("The answer is \\boxed{42}", "42", 1.0),
+        ("so 41", "42", 0.0),
+        ("3 + 14 = 17", "17", 1.0),
+        ("We get $\\frac{1}{2}$", "0.5", 1.0),
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}", 1.0),
+        ("\\boxed{0.5}", "$\\frac{1}{2}$", 1.0),
+        ("boxed wins: \\boxed{3}, not 4", "3", 1.0),
+        ("", "42", 0.0),
+        (None, "42", 0.0),
+        ("no numbers here", "42", 0.0),
+    ],
+)
+def test_math_reward(completion, answer, expected):
+    assert math_reward([completion], answer=[answer]) == [expected]
+
+
+def test_math_reward_missing_gold_is_none_and_lengths_checked():
+    assert math_reward(["\\boxed{1}"], answer=[None]) == [None]
+    with pytest.raises(ValueError):
+        math_reward(["1", "2"], answer=["1"])
+
+
+def test_math_reward_off_main_thread():
+    # math-verify's signal.alarm timeouts raise off the main thread; we must disable them there.
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("r", math_reward(["\\boxed{5}", "6"], answer=[5, 5])))
+    t.start()
+    t.join()
+    assert box["r"] == [1.0, 0.0]
+
+
+def test_extract_answer():
+    assert extract_answer("so \\boxed{12}") == "12"
+    assert extract_answer("first 3, then 17") == "17"
+    assert extract_answer("nothing") is None
+
+
+def test_format_reward_and_helpers():
+    completions = ["\\boxed{7}", "\\boxed{7} \\boxed{8}", "\\boxed{}", "\\boxed{7", "7", "\\boxed{x^{2}}"]
+    assert boxed_format_reward(completions) == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert find_boxed("\\boxed{a{b}c}") == ["a{b}c"]
+    assert has_boxed("x \\boxed{1}") and not has_boxed("\\boxed{ }")
+
+
+def test_think_format_reward():
+    completions = [
+        "<think>2+2 is 4</think>\n\\boxed{4}",
+        "<think>a</think><think>b</think> 4",
+        "4 <think>late</think>",
+        "<think>no answer</think>   ",
+        "<think>\n\n</think> 4",
+    ]
+    assert think_format_reward(completions) == [1.0, 0.0, 0.0, 0.0, 0.0]
