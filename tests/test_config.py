@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from rlkit.config import ConfigError, compose, describe, load_config, parse_override
 
@@ -83,7 +84,7 @@ def test_missing_group_suggests(tmp_path):
 
 def test_config_is_frozen():
     cfg = load_config(None)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.train.steps = 3  # type: ignore[misc]
 
 
