@@ -184,7 +184,7 @@ class TorchLearner:
                 kl_BT = kl_penalty(lp, mb.ref_logprobs_BT, algo.kl.estimator)
                 kl = aggregate(kl_BT, mask, algo.loss_agg, **agg)
                 loss = loss + algo.kl.beta * kl
-                acc["actor/kl"] = acc.get("actor/kl", 0.0) + float((kl_BT * mask).sum()) / num_tokens
+                acc["actor/kl"] = acc.get("actor/kl", 0.0) + float((kl_BT.detach() * mask).sum()) / num_tokens
             loss.backward()
             acc["actor/pg_loss"] = acc.get("actor/pg_loss", 0.0) + float(pg.detach())
             acc["actor/entropy"] = acc.get("actor/entropy", 0.0) + float((ent * mask).sum()) / num_tokens
