@@ -218,8 +218,14 @@ class WorkerPool:
             self._dispatch(pending, inflight, payload, on_result)
             if not pending and not inflight:
                 break
-            now = time.monotonic()
             starting = [i for i, w in enumerate(self._workers) if not w.ready]
+            # read "ready" messages that arrived while no call was running (e.g. a worker spawned
+            # long before the first batch) before judging start-up as failed
+            waiting = {self._workers[i].conn: i for i in starting}
+            for conn in connection.wait(list(waiting), 0) if waiting else []:
+                self._receive(waiting[conn], pending, inflight, on_result)
+            starting = [i for i, w in enumerate(self._workers) if not w.ready]
+            now = time.monotonic()
             if not inflight and self._startup_failed(now):
                 # Infrastructure, not a verifier fault: fail loudly rather than train on zeros.
                 raise RuntimeError(

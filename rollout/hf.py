@@ -39,6 +39,10 @@ from rollout.sampling import (
 logger = logging.getLogger(__name__)
 
 PRUNE_FRACTION = 0.25  # drop finished rows from the batch/KV cache once this share has finished
+# ... but only in batches of at least this many rows: on CPU a decode step costs about the same for
+# 1-8 rows (weight-bandwidth bound; odd sizes can even be slower), so pruning small batches only
+# adds copies. Measured on SmolLM2, 2 threads, B=32 x 64 tokens: 105 -> 132 tok/s with pruning.
+PRUNE_MIN_ROWS = 16
 _SCORE_MAX_LOGITS = 2**28  # cap on B * T * V logits materialised per score() forward (1 GiB fp32)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PEFT_PREFIX = "base_model.model."
@@ -180,6 +184,7 @@ class HFEngine:
         self.policy_version = 0
         self._calls = 0
         self._stats: dict[str, float] = {}
+        self._rows_pruned = 0
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype])
@@ -211,6 +216,7 @@ class HFEngine:
         """Sample ``r.params.n`` completions per request, grouped and in request order."""
         t0 = time.perf_counter()
         self._calls += 1
+        self._rows_pruned = 0
         rows: list[_Row] = []
         for ri, req in enumerate(requests):
             context = list(req.prompt_ids) + list(req.resume_ids)
@@ -245,6 +251,7 @@ class HFEngine:
             "rollout/gen_time_s": elapsed,
             "rollout/tokens_per_s": n_tok / elapsed if elapsed > 0 else 0.0,
             "rollout/num_sequences": float(len(completions)),
+            "rollout/rows_pruned": float(self._rows_pruned),
         }
         return completions
 
@@ -300,8 +307,11 @@ class HFEngine:
             bt.done = bt.done | new_done_b
             if bool(bt.done.all()):
                 break
-            if self.prune_finished and int(bt.done.sum()) > PRUNE_FRACTION * bt.done.numel():
+            n_rows = bt.done.numel()
+            if (self.prune_finished and n_rows >= PRUNE_MIN_ROWS
+                    and int(bt.done.sum()) > PRUNE_FRACTION * n_rows):
                 keep = torch.nonzero(~bt.done).flatten()
+                self._rows_pruned += n_rows - keep.numel()
                 cache.batch_select_indices(keep)
                 bt.select(keep)
                 tok_b = tok_b[keep]

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from rollout import hf
 from rollout.engine import Completion, RolloutEngine, RolloutRequest, SamplingParams, get_engine_class
 from rollout.hf import HFEngine
 
@@ -64,19 +65,30 @@ def test_generates_n_per_prompt_aligned(engine: HFEngine, prompt_ids: list[list[
     assert stats["rollout/tokens_per_s"] > 0
 
 
+MAX_NEW = [16, 5, 9, 12]  # per request: rows finish at different steps, which triggers pruning
+
+
+def _mixed_len_reqs(prompts: list[list[int]], **kw) -> list[RolloutRequest]:
+    return [RolloutRequest(p, SamplingParams(max_new_tokens=m, temperature=0.0, **kw))
+            for p, m in zip(prompts, MAX_NEW)]
+
+
 @pytest.mark.parametrize("max_batch_size", [64, 3])
 def test_greedy_equals_hf_generate(tiny_model_dir: str, prompt_ids: list[list[int]],
-                                   max_batch_size: int) -> None:
+                                   max_batch_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Left padding + position ids + KV cache + pruning reproduce transformers' greedy tokens."""
+    monkeypatch.setattr(hf, "PRUNE_MIN_ROWS", 1)  # prune even these small batches
     engine = HFEngine(tiny_model_dir, max_batch_size=max_batch_size)
-    comps = engine.generate(_reqs(prompt_ids, GREEDY))
+    comps = engine.generate(_mixed_len_reqs(prompt_ids))
+    assert engine.engine_stats()["rollout/rows_pruned"] > 0
     tok = engine.tokenizer
     tok.padding_side = "left"
     enc = tok.pad({"input_ids": prompt_ids}, return_tensors="pt")
     with torch.no_grad():
         ref = engine.model.generate(**enc, do_sample=False, max_new_tokens=16,
                                     pad_token_id=tok.pad_token_id)
-    for c, row in zip(comps, ref[:, enc["input_ids"].shape[1]:].tolist()):
+    for c, row, m in zip(comps, ref[:, enc["input_ids"].shape[1]:].tolist(), MAX_NEW):
+        row = row[:m]
         if c.finish_reason == "stop":  # trim the reference at its first EOS (kept)
             row = row[: row.index(tok.eos_token_id) + 1]
         assert c.token_ids == row
@@ -84,11 +96,18 @@ def test_greedy_equals_hf_generate(tiny_model_dir: str, prompt_ids: list[list[in
 
 
 def test_greedy_deterministic_and_prune_invariant(tiny_model_dir: str, prompt_ids: list[list[int]]) -> None:
-    a = HFEngine(tiny_model_dir).generate(_reqs(prompt_ids, GREEDY))
-    b = HFEngine(tiny_model_dir, prune_finished=False).generate(_reqs(prompt_ids, GREEDY))
+    """20 rows (>= PRUNE_MIN_ROWS) finishing at different steps: pruning must not change any row."""
+    reqs = _mixed_len_reqs(prompt_ids, n=5, return_entropy=True)
+    pruned = HFEngine(tiny_model_dir)
+    a = pruned.generate(reqs)
+    assert pruned.engine_stats()["rollout/rows_pruned"] > 0
+    b = HFEngine(tiny_model_dir, prune_finished=False).generate(reqs)
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    for c, m in zip(a, [m for m in MAX_NEW for _ in range(5)]):
+        assert len(c.token_ids) == m if c.finish_reason == "length" else len(c.token_ids) < m
     for x, y in zip(a, b):
         assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
+        assert x.entropies == pytest.approx(y.entropies, abs=1e-4)
 
 
 def test_behaviour_logprobs_match_score_and_full_forward(engine: HFEngine,

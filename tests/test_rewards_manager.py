@@ -161,3 +161,15 @@ def test_constant_columns_and_nan_free_metrics():
         total, metrics, _ = rm.score(["\\boxed{3}"], {"answer": ["3"], "trainer_state": {"step": 1}})
     assert total == [1.0]
     assert all(math.isfinite(v) for v in metrics.values())
+
+
+def test_first_call_long_after_start_up_does_not_fail():
+    """Workers spawned long before the first batch (e.g. during a pre-training eval) are ready."""
+    import time
+
+    from rewards import RewardManager, VerifierSpec
+
+    with RewardManager([VerifierSpec("format")], mode="process", startup_timeout_s=0.5) as m:
+        time.sleep(1.5)
+        totals, _, _ = m.score(["\\boxed{1}", "no"], {"answer": ["1", "2"]})
+    assert totals == [1.0, 0.0]

@@ -86,7 +86,7 @@ def test_lora_dapo_train_in_process(tiny_model_dir, tmp_path):
     from rlkit.trainer import Trainer
 
     ov = tiny_overrides(tiny_model_dir, tmp_path, "lora", steps=2) + [
-        "model.lora.rank=4", "algorithm.kl.beta=0.01", "eval.after=false",
+        "model.lora.rank=4", "algorithm.kl.beta=0.01", "eval.after=false", "reward.mode=process",
     ]
     cfg = load_config(ROOT / "recipes/dapo.yaml", ov)
     summary = Trainer(cfg).run()
