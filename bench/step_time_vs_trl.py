@@ -70,7 +70,7 @@ def rlkit_overrides(a: argparse.Namespace) -> list[str]:
         f"train.steps={a.steps}", f"train.prompts_per_step={a.prompts}", f"train.samples_per_prompt={a.group}",
         f"engine.max_new_tokens={a.max_new_tokens}", "engine.temperature=1.0", "engine.top_p=1.0",
         f"learner.lr={a.lr}", "learner.warmup_steps=0", "learner.lr_schedule=constant",
-        f"learner.micro_batch_size={a.micro_batch}", "algorithm.kl.beta=0", "model.dtype=float32",
+        f"learner.micro_batch_size={a.micro_batch}", "algorithm.kl.beta=0", "model.dtype=float32", "model.lora.rank=0",
         "train.ppo_epochs=1", "train.mini_batches=1",
         "eval.before=false", "eval.after=false", "checkpoint.every=0", "checkpoint.export_final=false",
         f"output_dir={a.output_dir}", "name=rlkit_bench", "tracking.tensorboard=false", "seed=0",

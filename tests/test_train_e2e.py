@@ -65,6 +65,11 @@ def test_train_kill9_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     assert (ref_dir / "config.yaml").is_file()
     summary = json.loads((ref_dir / "summary.json").read_text())
     assert "eval_after" in summary and 0.0 <= summary["eval_after"]["accuracy"] <= 1.0
+    ev = _run_cli(["eval", str(ref_dir), "--out", str(tmp_path / "eval.json")])
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert json.loads((tmp_path / "eval.json").read_text())["model"].endswith("final")
+    plot = _run_cli(["plot", str(ref_dir)])
+    assert plot.returncode == 0 and (ref_dir / "plots" / "reward.png").stat().st_size > 0
 
     # same run, SIGKILLed in the middle of step 3 (after the step-2 checkpoint), then resumed
     args = ["train", recipe, *tiny_overrides(tiny_model_dir, tmp_path, "crash")]
@@ -94,3 +99,15 @@ def test_lora_dapo_train_in_process(tiny_model_dir, tmp_path):
     assert [x["step"] for x in m] == [1, 2]
     assert all("rollout/gen_rounds" in x for x in m)
     assert (Path(summary["final"]) / "adapter_config.json").is_file()
+
+
+def test_local_ray_stays_on_loopback():
+    import ray
+
+    from rlkit.orchestration.ray_actors import init_ray
+
+    init_ray(load_config(None, ["cluster.num_cpus=1"]))
+    try:
+        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+    finally:
+        ray.shutdown()
