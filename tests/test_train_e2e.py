@@ -28,7 +28,7 @@ def tiny_overrides(model_dir: str, out: Path, name: str, steps: int = 4) -> list
         "train.prompts_per_step=2", "train.samples_per_prompt=4", "engine.max_new_tokens=12",
         "data.generator={n: 40, max_value: 9}", "data.eval_size=4", "checkpoint.every=2",
         "learner.lr=1e-3", "learner.micro_batch_size=3", "tracking.tensorboard=false",
-        "reward.mode=inline",
+        "reward.mode=inline", "model.lora.rank=0",
         "reward.verifiers=[{name: math}, {name: tests/e2e_rewards.py:digit_fraction}]", "eval.after=true", "eval.max_new_tokens=8", "cluster.num_cpus=2",
     ]
 

@@ -29,6 +29,12 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=c.address, log_to_driver=True)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local, loopback-only cluster
+    # `_node_ip_address="127.0.0.1"` alone is re-resolved to the eth0 address by Ray on Linux;
+    # Ray's single-machine mode (its default on macOS/Windows) keeps every address on loopback.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time; ray may be imported already
     ray.init(
         num_cpus=c.num_cpus or max(2, os.cpu_count() or 2),
         include_dashboard=c.dashboard,
