@@ -198,22 +198,7 @@ def _torch_dtype(dtype: str) -> Any:
     return table[dtype]
 
 
-def lora_config(lora: Mapping[str, Any]) -> Any:
-    """``{"rank", "alpha", "dropout", "target_modules"}`` -> ``peft.LoraConfig`` (causal LM)."""
-    from peft import LoraConfig
-
-    known = {"rank", "r", "alpha", "lora_alpha", "dropout", "lora_dropout", "target_modules"}
-    unknown = set(lora) - known
-    if unknown:
-        raise ValueError(f"unknown LoRA keys {sorted(unknown)}; known: {sorted(known)}")
-    rank = int(lora.get("rank", lora.get("r", 8)))
-    return LoraConfig(
-        r=rank,
-        lora_alpha=float(lora.get("alpha", lora.get("lora_alpha", 2 * rank))),
-        lora_dropout=float(lora.get("dropout", lora.get("lora_dropout", 0.0))),
-        target_modules=lora.get("target_modules") or "all-linear",
-        task_type="CAUSAL_LM",
-    )
+from rollout.hf import lora_config  # noqa: E402  (one definition for learner and engine)
 
 
 def load_model(

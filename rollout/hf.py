@@ -121,8 +121,10 @@ def _mix_seed(*parts: Any) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def _lora_config(lora: Mapping[str, Any]) -> Any:
-    """Same keys as ``rlkit.models.lora_config`` (rank, alpha, dropout, target_modules)."""
+def lora_config(lora: Mapping[str, Any]) -> Any:
+    """``{"rank", "alpha", "dropout", "target_modules"}`` -> ``peft.LoraConfig`` (causal LM).
+
+    Lives here because ``rollout`` never imports ``rlkit``; ``rlkit.models`` re-uses it."""
     from peft import LoraConfig
 
     known = {"rank", "r", "alpha", "lora_alpha", "dropout", "lora_dropout", "target_modules"}
@@ -191,7 +193,7 @@ class HFEngine:
         if lora:
             from peft import get_peft_model
 
-            model = get_peft_model(model, _lora_config(lora))
+            model = get_peft_model(model, lora_config(lora))
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model.to(self.device).eval()
