@@ -218,10 +218,9 @@ class WorkerPool:
             self._dispatch(pending, inflight, payload, on_result)
             if not pending and not inflight:
                 break
-            starting = [i for i, w in enumerate(self._workers) if not w.ready]
             # read "ready" messages that arrived while no call was running (e.g. a worker spawned
             # long before the first batch) before judging start-up as failed
-            waiting = {self._workers[i].conn: i for i in starting}
+            waiting = {w.conn: i for i, w in enumerate(self._workers) if not w.ready}
             for conn in connection.wait(list(waiting), 0) if waiting else []:
                 self._receive(waiting[conn], pending, inflight, on_result)
             starting = [i for i, w in enumerate(self._workers) if not w.ready]

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rollout.hf import lora_config  # noqa: F401  (one definition for learner and engine)
+
 logger = logging.getLogger(__name__)
 
 CHATML_TEMPLATE = (
@@ -197,8 +199,6 @@ def _torch_dtype(dtype: str) -> Any:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(table)}")
     return table[dtype]
 
-
-from rollout.hf import lora_config  # noqa: E402  (one definition for learner and engine)
 
 
 def load_model(
