@@ -1,11 +1,13 @@
 """Execution back-ends for :class:`rewards.RewardManager`: worker processes and inline calls.
 
 Workers are ``spawn``-ed (no inherited locks/threads/CUDA state), import ``rewards`` and the plugins,
-resolve every verifier once (class ``setup()`` included) and then answer ``("call", spec, texts,
-columns)`` messages over a pipe. The parent enforces deadlines: a worker that misses one, or dies,
-is terminated and replaced, which is the only reliable way to stop a hung verifier (a thread cannot
-be killed, and ``signal.alarm`` works only in a main thread). Verifier exceptions are caught inside
-the worker, so those do not cost a restart.
+build every verifier once (class ``setup()`` included; a ``sandbox`` target becomes a
+:class:`rewards.sandbox.SandboxedVerifier`, which starts a sandboxed interpreter per call) and
+then answer ``("call", key, texts, columns)`` messages over a pipe. The parent enforces
+deadlines: a worker that misses one, or dies, is terminated and replaced, which is the only
+reliable way to stop a hung verifier (a thread cannot be killed, and ``signal.alarm`` works only
+in a main thread). Verifier exceptions are caught inside the worker, so those do not cost a
+restart.
 """
 
 from __future__ import annotations
@@ -18,20 +20,27 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing import connection, get_context
 from typing import Any
 
 from rewards.registry import load_plugins, resolve
+from rewards.sandbox import SandboxedVerifier, SandboxLimits, SandboxTimeout
 
 log = logging.getLogger("rewards")
 _JOIN_S = 1.0
 
 
+Target = Mapping[str, Any]
+"""What to build in a worker: ``{"spec": str, "params": dict, "sandbox": SandboxLimits fields | None}``."""
+
+
 @dataclass
 class Task:
-    """One verifier call on a subset of the batch (``indices``), with its own deadline."""
+    """One verifier call on a subset of the batch (``indices``), with its own deadline.
+
+    ``spec`` is the key of the verifier's target (see :func:`build_verifier`)."""
 
     spec: str
     indices: list[int]
@@ -41,7 +50,8 @@ class Task:
 
 Payload = Callable[[Task], tuple[list[str], dict[str, Any]]]
 OnResult = Callable[[Task, str, Any], list[Task]]
-"""``on_result(task, kind, payload) -> follow-up tasks``; kind: ok|error|fatal|timeout|skipped."""
+"""``on_result(task, kind, payload) -> follow-up tasks``; kind: ok|error|fatal|timeout|skipped|deadline
+(the batch deadline passed before the task could finish; it must not return follow-ups then)."""
 
 
 class BadOutput(ValueError):
@@ -81,12 +91,23 @@ def _as_reward(value: Any) -> float | None:
     return math.nan
 
 
+def build_verifier(target: Target, plugins: Sequence[str] = ()) -> Callable[..., Any]:
+    """The callable for a target: ``resolve(spec, params)``, or a sandboxed stand-in for it."""
+    if target.get("sandbox") is not None:
+        limits = SandboxLimits(**target["sandbox"])
+        return SandboxedVerifier(target["spec"], target.get("params"), plugins, limits)
+    return resolve(target["spec"], target.get("params"))
+
+
 def call_verifier(fn: Callable[..., Any], texts: list[str], columns: dict[str, Any]) -> tuple[str, Any]:
-    """Call ``fn`` and classify: ``("ok", rewards)`` or ``("error", message)``; never raises."""
+    """Call ``fn`` and classify: ``("ok", rewards)``, ``("timeout", None)`` (a sandboxed run hit
+    its time limit) or ``("error", message)``; never raises."""
     try:
         return "ok", normalize_output(fn(texts, **columns), len(texts))
     except (_Deadline, KeyboardInterrupt):
         raise
+    except SandboxTimeout:
+        return "timeout", None
     except BaseException as exc:  # SystemExit from a verifier is a verifier failure too
         tb = traceback.format_exception_only(type(exc), exc)
         return "error", "".join(tb).strip()[-2000:]
@@ -122,7 +143,7 @@ def call_with_deadline(
             signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3), outer_interval)
 
 
-def worker_main(conn: Any, plugins: Sequence[str], specs: Sequence[str]) -> None:
+def worker_main(conn: Any, plugins: Sequence[str], targets: Mapping[str, Target]) -> None:
     """Entry point of a worker process (module-level so ``spawn`` can import it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the parent, which stops us
     errors: dict[str, str] = {}
@@ -131,11 +152,11 @@ def worker_main(conn: Any, plugins: Sequence[str], specs: Sequence[str]) -> None
         load_plugins(plugins)
     except BaseException as exc:
         errors["*plugins*"] = f"loading plugins {list(plugins)} failed: {exc!r}"
-    for spec in specs:
+    for key, target in targets.items():
         try:
-            verifiers[spec] = resolve(spec)
+            verifiers[key] = build_verifier(target, plugins)
         except BaseException as exc:
-            errors[spec] = f"resolving {spec!r} failed: {exc!r}"
+            errors[key] = f"resolving {target['spec']!r} failed: {exc!r}"
     conn.send(("ready", errors))
     while True:
         try:
@@ -157,10 +178,10 @@ def worker_main(conn: Any, plugins: Sequence[str], specs: Sequence[str]) -> None
 
 
 class _Worker:
-    def __init__(self, ctx: Any, plugins: Sequence[str], specs: Sequence[str]) -> None:
+    def __init__(self, ctx: Any, plugins: Sequence[str], targets: Mapping[str, Target]) -> None:
         self.conn, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(
-            target=worker_main, args=(child, list(plugins), list(specs)), name="rewards-worker", daemon=True
+            target=worker_main, args=(child, list(plugins), dict(targets)), name="rewards-worker", daemon=True
         )
         self.proc.start()
         child.close()
@@ -190,10 +211,14 @@ class WorkerPool:
     """A fixed number of persistent verifier processes with per-task deadlines."""
 
     def __init__(
-        self, num_workers: int, plugins: Sequence[str], specs: Sequence[str], startup_timeout_s: float = 60.0
+        self,
+        num_workers: int,
+        plugins: Sequence[str],
+        targets: Mapping[str, Target],
+        startup_timeout_s: float = 60.0,
     ) -> None:
         self._ctx = get_context("spawn")
-        self._plugins, self._specs = list(plugins), list(specs)
+        self._plugins, self._targets = list(plugins), dict(targets)
         self.startup_timeout_s = startup_timeout_s
         self.restarts = 0
         self.init_errors: dict[str, str] = {}
@@ -202,20 +227,31 @@ class WorkerPool:
         self._workers = [self._spawn() for _ in range(num_workers)]
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._ctx, self._plugins, self._specs)
+        return _Worker(self._ctx, self._plugins, self._targets)
 
     def _restart(self, idx: int) -> None:
         self._workers[idx].stop(graceful=False)
         self._workers[idx] = self._spawn()
         self.restarts += 1
 
-    def run(self, tasks: list[Task], payload: Payload, on_result: OnResult) -> None:
+    def run(
+        self, tasks: list[Task], payload: Payload, on_result: OnResult, deadline: float | None = None
+    ) -> None:
         """Run tasks (and the follow-ups ``on_result`` returns) to completion; never raises for
-        verifier faults."""
+        verifier faults. Past ``deadline`` (``time.monotonic()``) running tasks are killed and every
+        unfinished task is reported as ``"deadline"``."""
         pending = deque(tasks)
         inflight: dict[int, tuple[Task, float]] = {}
         while pending or inflight:
-            self._dispatch(pending, inflight, payload, on_result)
+            if deadline is not None and time.monotonic() >= deadline:
+                for idx, (task, _) in list(inflight.items()):
+                    del inflight[idx]
+                    self._restart(idx)
+                    on_result(task, "deadline", None)
+                while pending:
+                    on_result(pending.popleft(), "deadline", None)
+                return
+            self._dispatch(pending, inflight, payload, on_result, deadline)
             if not pending and not inflight:
                 break
             # read "ready" messages that arrived while no call was running (e.g. a worker spawned
@@ -232,19 +268,23 @@ class WorkerPool:
                     "Workers are spawned, which re-imports your main script: guard its entry point "
                     "with `if __name__ == '__main__':`, or use RewardManager(mode='inline')."
                 )
-            deadlines = [dl for _, dl in inflight.values()]
-            wait_s = max(0.0, min(deadlines) - now) if deadlines else 0.5
+            deadlines = [dl for _, dl in inflight.values()] or [now + 0.5]
+            if deadline is not None:
+                deadlines.append(deadline)
+            wait_s = max(0.0, min(deadlines) - now)
             watched = {self._workers[i].conn: i for i in set(inflight) | set(starting)}
             for conn in connection.wait(list(watched), wait_s):
                 self._receive(watched[conn], pending, inflight, on_result)
             now = time.monotonic()
-            for idx, (task, deadline) in list(inflight.items()):
-                if now >= deadline:
+            for idx, (task, task_deadline) in list(inflight.items()):
+                if now >= task_deadline and (deadline is None or task_deadline < deadline):
                     del inflight[idx]
                     self._restart(idx)
                     pending.extend(on_result(task, "timeout", None))
 
-    def _dispatch(self, pending: deque, inflight: dict, payload: Payload, on_result: OnResult) -> None:
+    def _dispatch(
+        self, pending: deque, inflight: dict, payload: Payload, on_result: OnResult, deadline: float | None
+    ) -> None:
         for idx, worker in enumerate(self._workers):
             while pending and idx not in inflight and worker.ready:
                 task = pending.popleft()
@@ -260,7 +300,8 @@ class WorkerPool:
                 except Exception as exc:  # inputs that cannot be pickled
                     pending.extend(on_result(task, "fatal", f"could not send inputs to worker: {exc!r}"))
                     continue
-                inflight[idx] = (task, time.monotonic() + task.timeout_s)
+                task_deadline = time.monotonic() + task.timeout_s
+                inflight[idx] = (task, task_deadline if deadline is None else min(task_deadline, deadline))
 
     def _receive(self, idx: int, pending: deque, inflight: dict, on_result: OnResult) -> None:
         worker = self._workers[idx]

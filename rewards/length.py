@@ -1,13 +1,71 @@
-"""Length and budget shaping terms added to verifier rewards (spec §6). Plain Python, no torch.
+"""Length and budget shapers added to verifier rewards (spec §6). Plain Python: no torch, no rlkit.
 
-Only DAPO's soft overlong punishment lives here so far; the other shapers (Kimi, L1, HAPO-history,
-BRPO budgets) join this module with their own issue.
+A *length shaper* is called once per step on the whole batch, after the verifiers::
+
+    shaping = LengthShaping.from_config([{"name": "kimi", "params": {"weight": 0.5}}])
+    rewards, metrics = shaping(LengthContext(rewards=..., correct=..., lengths=..., max_len=128,
+                                             group_ids=..., problem_ids=..., step=step))
+
+Every shaper is **additive**: it returns ``rewards + term`` where ``term = r_paper - 1[correct]``,
+``r_paper`` being the paper's total reward. With a single 0/1 accuracy verifier the result is
+exactly the paper's reward; with a verifier mix (e.g. ``math + 0.2 format``) the other verifiers'
+terms are kept untouched. Shapers compose left to right (each sees the previous one's rewards).
+
+Registered shapers (``SHAPERS.names()``):
+
+- ``dapo_overlong`` (§6e) soft overlong punishment;
+- ``kimi`` (§6d) group length penalty with a delay/linear warm-up of its weight [warm-up INFERRED];
+- ``l1_exact`` / ``l1_max`` / ``l1_dual`` (§6f) LCPO rewards against the budget written into the
+  prompt (see :mod:`rewards.budget_prompt`); ``l1_dual`` picks Exact or Max per row by its budget
+  kind, the paper's dual objective;
+- ``hapo_history`` (§6a) cosine/linear length reward against a per-problem history (min or mean
+  of correct lengths); stateful: ``state_dict()`` is JSON-serialisable and belongs in checkpoints;
+- ``budget_penalty``: ``correct - lam * max(0, len - budget) / budget`` [INFERRED, from issue 4].
+
+Departures: the registry is a small torch-free twin of ``rlkit.algorithms.registry.Registry``
+(same errors), because ``rewards`` must not import ``rlkit``/torch (DESIGN.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
-def dapo_overlong_penalty(length: int, *, max_len: int, buffer_len: int, penalty_factor: float = 1.0) -> float:
+__all__ = [
+    "SHAPERS",
+    "HAPO_NULL_LEN",
+    "BudgetPenaltyParams",
+    "DAPOOverlongParams",
+    "HAPOHistoryParams",
+    "KimiParams",
+    "L1Params",
+    "LengthContext",
+    "LengthShaper",
+    "LengthShaping",
+    "build_dataclass",
+    "build_shaper",
+    "dapo_overlong_penalty",
+    "hapo_length_reward",
+    "kimi_length_rewards",
+    "l1_exact_reward",
+    "l1_max_reward",
+    "register_shaper",
+]
+
+HAPO_NULL_LEN = 100000
+"""HAPO's ``MAX_LEN``: a history at or above it (or <= 0) means "no correct answer seen yet"."""
+
+
+# ----------------------------------------------------------------------------- pure formulas
+
+
+def dapo_overlong_penalty(
+    length: int, *, max_len: int, buffer_len: int, penalty_factor: float = 1.0
+) -> float:
     """DAPO soft overlong punishment (spec §6e, verl ``dapo.py``).
 
     ``0`` while ``length <= max_len - buffer_len``, then linear down to ``-penalty_factor`` at
@@ -19,3 +77,574 @@ def dapo_overlong_penalty(length: int, *, max_len: int, buffer_len: int, penalty
     expected = max_len - buffer_len
     over = length - expected
     return max(min(-over / buffer_len * penalty_factor, 0.0), -penalty_factor)
+
+
+def kimi_length_rewards(lengths: Sequence[int], correct: Sequence[bool]) -> list[float]:
+    """Kimi k1.5 length reward of the k responses of ONE prompt (spec §6d).
+
+    ``lam_i = 0.5 - (len_i - min_len) / (max_len - min_len)``; ``lam_i`` if correct else
+    ``min(0, lam_i)``; all 0 when every length is equal.
+
+    >>> [round(x, 4) for x in kimi_length_rewards([100, 400, 150, 300], [0, 1, 1, 0])]
+    [0.0, -0.5, 0.3333, -0.1667]
+    """
+    lo, hi = min(lengths), max(lengths)
+    if hi == lo:
+        return [0.0] * len(lengths)
+    out = []
+    for n, c in zip(lengths, correct):
+        lam = 0.5 - (n - lo) / (hi - lo)
+        out.append(lam if c else min(0.0, lam))
+    return out
+
+
+def l1_exact_reward(correct: bool, n_y: int, n_gold: int, alpha: float = 0.0003) -> float:
+    """L1-Exact (spec §6f Eq. 1): ``1[correct] - alpha * |n_gold - n_y|``.
+
+    >>> round(l1_exact_reward(True, 1500, 1000), 4)
+    0.85
+    """
+    return float(bool(correct)) - alpha * abs(n_gold - n_y)
+
+
+def l1_max_reward(correct: bool, n_y: int, n_gold: int, alpha: float = 0.0003, delta: float = 0.5) -> float:
+    """L1-Max (spec §6f Eq. 2): ``1[correct] * clip(alpha * (n_gold - n_y) + delta, 0, 1)``.
+
+    >>> round(l1_max_reward(True, 500, 1000), 4)
+    0.65
+    """
+    return float(bool(correct)) * min(1.0, max(0.0, alpha * (n_gold - n_y) + delta))
+
+
+def _hapo_known(h: float | None) -> bool:
+    return h is not None and 0 < h < HAPO_NULL_LEN
+
+
+def hapo_length_reward(
+    length: int,
+    correct: bool,
+    history: float | None,
+    *,
+    type_lr: str = "cosine",
+    tolerance: float = 0.1,
+    correct_floor: float = -0.7,
+) -> float:
+    """HAPO ``r_len`` of one response against the problem's history ``h_q`` (spec §6a).
+
+    ``history`` None (or outside ``(0, 100000)``) is HAPO's Null and gives 0. Cosine:
+    ``x = cos(L/h * pi/2)`` if ``L < 2h`` else ``-1``; ``max(correct_floor, x)`` when correct,
+    ``min(0, x)`` otherwise. Linear: see spec §6a (tolerance band ``[h, (1+tol) h)`` gives 0).
+    The weight ``w_lr`` is applied by the shaper, not here.
+
+    >>> [round(hapo_length_reward(n, c, 300), 4) for n, c in [(150, 1), (450, 1), (450, 0), (700, 0)]]
+    [0.7071, -0.7, -0.7071, -1.0]
+    """
+    if not _hapo_known(history):
+        return 0.0
+    h = float(history)  # type: ignore[arg-type]
+    if type_lr == "cosine":
+        x = math.cos((length / h) * (math.pi / 2)) if length < 2 * h else -1.0
+        return max(correct_floor, x) if correct else min(0.0, x)
+    if type_lr == "linear":
+        over = -(length - (1 + tolerance) * h) / h
+        if correct:
+            if length < h:
+                return 1.0 - length / h
+            if length < (1 + tolerance) * h:
+                return 0.0
+            return max(correct_floor, over)
+        return 0.0 if length < (1 + tolerance) * h else max(-1.0, over)
+    raise ValueError(f"unknown HAPO type_lr {type_lr!r}; valid: 'cosine', 'linear'")
+
+
+# ----------------------------------------------------------------------------- batch context
+
+
+@dataclass(frozen=True)
+class LengthContext:
+    """Everything a shaper may read about one step's batch; every sequence has length ``B``.
+
+    Attributes:
+        rewards: reward of each response after the verifiers (and any earlier shaper).
+        correct: 1[answer correct], from the accuracy verifier (``reward >= 1``).
+        lengths: response length in tokens (``len(completion.token_ids)``, EOS included).
+        max_len: generation cap ``L_max`` (``engine.max_new_tokens``).
+        group_ids: prompt-group index of each response (Kimi needs it).
+        problem_ids: stable problem key across steps and resumes (HAPO-history needs it);
+            stored as ``str(id)`` in the state.
+        step: 1-based RL step (Kimi's warm-up reads it).
+        budgets: token budget of each response's prompt (L1 and budget penalty need it).
+        budget_kinds: ``"exact"`` or ``"max"`` per response (``l1_dual`` needs it).
+    """
+
+    rewards: Sequence[float]
+    correct: Sequence[bool]
+    lengths: Sequence[int]
+    max_len: int
+    group_ids: Sequence[int] | None = None
+    problem_ids: Sequence[Any] | None = None
+    step: int = 0
+    budgets: Sequence[int | None] | None = None
+    budget_kinds: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        B = len(self.rewards)
+        for name in ("correct", "lengths", "group_ids", "problem_ids", "budgets", "budget_kinds"):
+            value = getattr(self, name)
+            if value is not None and len(value) != B:
+                raise ValueError(
+                    f"LengthContext.{name} has length {len(value)}, expected B={B} (len(rewards))"
+                )
+        if self.max_len < 1:
+            raise ValueError(f"LengthContext.max_len must be >= 1, got {self.max_len}")
+        if any(n < 0 for n in self.lengths):
+            raise ValueError("LengthContext.lengths must be >= 0")
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+    def need(self, name: str, shaper: str) -> Sequence[Any]:
+        """``getattr(self, name)``, or a ValueError saying which shaper needs it."""
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(
+                f"length shaper {shaper!r} needs LengthContext.{name}; the trainer did not provide it"
+            )
+        return value
+
+    def need_budgets(self, shaper: str) -> list[int]:
+        budgets = self.need("budgets", shaper)
+        if any(b is None or b <= 0 for b in budgets):
+            raise ValueError(
+                f"length shaper {shaper!r} needs a positive budget for every response; "
+                "enable data.budget so every prompt gets one"
+            )
+        return [int(b) for b in budgets]  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- registry
+
+S = TypeVar("S", bound="type[LengthShaper]")
+
+
+def _nearest(word: str, candidates: Sequence[str]) -> str | None:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
+def build_dataclass(cls: type, kwargs: Mapping[str, Any] | None, what: str) -> Any:
+    """``cls(**kwargs)`` with unknown keys reported with the nearest valid field.
+
+    >>> build_dataclass(L1Params, {"alpah": 1.0}, "shaper 'l1_exact'")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown parameter 'alpah' for shaper 'l1_exact'. Did you mean 'alpha'? Valid parameters: alpha, delta
+    """
+    kwargs = dict(kwargs or {})
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in kwargs:
+        if key not in fields:
+            hint = _nearest(key, fields)
+            did_you_mean = f" Did you mean {hint!r}?" if hint else ""
+            raise ValueError(
+                f"unknown parameter {key!r} for {what}.{did_you_mean} Valid parameters: {', '.join(fields) or '(none)'}"
+            )
+    return cls(**kwargs)
+
+
+class ShaperRegistry:
+    """Name -> (shaper class, params dataclass); duplicate names raise, unknown ones suggest."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[type[LengthShaper], type]] = {}
+
+    def register(self, name: str, params: type) -> Callable[[S], S]:
+        if not dataclasses.is_dataclass(params):
+            raise TypeError(f"params of length shaper {name!r} must be a dataclass type")
+
+        def deco(cls: S) -> S:
+            if name in self._entries:
+                raise ValueError(f"length shaper {name!r} is already registered")
+            self._entries[name] = (cls, params)
+            cls.name = name
+            return cls
+
+        return deco
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def get(self, name: str) -> tuple[type[LengthShaper], type]:
+        if name not in self._entries:
+            hint = _nearest(name, self.names())
+            did_you_mean = f" Did you mean {hint!r}?" if hint else ""
+            raise KeyError(
+                f"unknown length shaper {name!r}.{did_you_mean} Valid names: {', '.join(self.names())}"
+            )
+        return self._entries[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+
+SHAPERS = ShaperRegistry()
+
+
+def register_shaper(name: str, params: type) -> Callable[[S], S]:
+    """Register a :class:`LengthShaper` subclass under ``name`` with its params dataclass."""
+    return SHAPERS.register(name, params)
+
+
+def build_shaper(name: str, params: Mapping[str, Any] | None = None) -> LengthShaper:
+    """Instantiate the shaper registered as ``name`` with ``params`` (a dict of its fields)."""
+    cls, params_cls = SHAPERS.get(name)
+    return cls(build_dataclass(params_cls, params, f"length shaper {name!r}"))
+
+
+class LengthShaper:
+    """Base class: subclasses implement :meth:`terms` (and stateful ones :meth:`update`)."""
+
+    name: str = "?"
+
+    def __init__(self, params: Any) -> None:
+        self.params = params
+
+    def terms(self, ctx: LengthContext) -> list[float]:
+        """Additive term per response, ``r_paper - 1[correct]``; must not change state."""
+        raise NotImplementedError
+
+    def update(self, ctx: LengthContext) -> None:
+        """Advance internal state after the batch was shaped (default: stateless)."""
+
+    def metrics(self, ctx: LengthContext, terms: list[float]) -> dict[str, float]:
+        return {f"length/{self.name}/term_mean": sum(terms) / len(terms) if terms else 0.0}
+
+    def __call__(self, ctx: LengthContext) -> list[float]:
+        """Shaped rewards ``rewards + terms``; then the state (if any) is updated."""
+        terms = self.terms(ctx)
+        self.update(ctx)
+        return [float(r) + t for r, t in zip(ctx.rewards, terms)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise ValueError(f"length shaper {self.name!r} is stateless but got state keys {sorted(state)}")
+
+
+# ----------------------------------------------------------------------------- shapers
+
+
+@dataclass(frozen=True)
+class DAPOOverlongParams:
+    """§6e. ``max_len`` None = ``LengthContext.max_len`` (the generation cap)."""
+
+    buffer_len: int = 4096
+    penalty_factor: float = 1.0
+    max_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.buffer_len < 1:
+            raise ValueError(f"dapo_overlong.buffer_len must be >= 1, got {self.buffer_len}")
+
+
+@register_shaper("dapo_overlong", DAPOOverlongParams)
+class DAPOOverlong(LengthShaper):
+    """DAPO soft overlong punishment added to the reward (spec §6e)."""
+
+    def terms(self, ctx: LengthContext) -> list[float]:
+        p = self.params
+        max_len = p.max_len or ctx.max_len
+        if p.buffer_len >= max_len:
+            raise ValueError(f"dapo_overlong.buffer_len ({p.buffer_len}) must be < max_len ({max_len})")
+        return [
+            dapo_overlong_penalty(
+                n, max_len=max_len, buffer_len=p.buffer_len, penalty_factor=p.penalty_factor
+            )
+            for n in ctx.lengths
+        ]
+
+
+@dataclass(frozen=True)
+class KimiParams:
+    """§6d. ``weight`` multiplies the length reward [INFERRED default 1.0].
+
+    Warm-up [INFERRED: the report delays the penalty, schedule unpublished]: the weight is 0 for
+    steps ``<= delay_steps``, then ramps linearly to ``weight`` over ``ramp_steps`` steps
+    (``ramp_steps = 0``: full weight right after the delay).
+    """
+
+    weight: float = 1.0
+    delay_steps: int = 0
+    ramp_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.delay_steps < 0 or self.ramp_steps < 0:
+            raise ValueError("kimi.delay_steps and kimi.ramp_steps must be >= 0")
+
+    def weight_at(self, step: int) -> float:
+        """Effective weight at 1-based ``step``.
+
+        >>> [KimiParams(1.0, delay_steps=2, ramp_steps=2).weight_at(s) for s in (1, 2, 3, 4, 5)]
+        [0.0, 0.0, 0.5, 1.0, 1.0]
+        """
+        since = step - self.delay_steps
+        if since <= 0:
+            return 0.0
+        if self.ramp_steps == 0:
+            return self.weight
+        return self.weight * min(1.0, since / self.ramp_steps)
+
+
+@register_shaper("kimi", KimiParams)
+class KimiLength(LengthShaper):
+    """Kimi k1.5 group length penalty, weighted by the warm-up schedule (spec §6d)."""
+
+    def terms(self, ctx: LengthContext) -> list[float]:
+        w = self.params.weight_at(ctx.step)
+        groups: dict[Any, list[int]] = {}
+        for i, g in enumerate(ctx.need("group_ids", self.name)):
+            groups.setdefault(g, []).append(i)
+        out = [0.0] * len(ctx)
+        for idx in groups.values():
+            vals = kimi_length_rewards([ctx.lengths[i] for i in idx], [bool(ctx.correct[i]) for i in idx])
+            for i, v in zip(idx, vals):
+                out[i] = w * v
+        return out
+
+    def metrics(self, ctx: LengthContext, terms: list[float]) -> dict[str, float]:
+        return {**super().metrics(ctx, terms), "length/kimi/weight": self.params.weight_at(ctx.step)}
+
+
+@dataclass(frozen=True)
+class L1Params:
+    """§6f: ``alpha`` (per-token slope) and ``delta`` (L1-Max offset)."""
+
+    alpha: float = 0.0003
+    delta: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0:
+            raise ValueError(f"L1 alpha must be >= 0, got {self.alpha}")
+
+
+def _l1_term(kind: str, c: bool, n: int, b: int, p: L1Params) -> float:
+    if kind == "exact":
+        return l1_exact_reward(c, n, b, p.alpha) - float(c)
+    if kind == "max":
+        return l1_max_reward(c, n, b, p.alpha, p.delta) - float(c)
+    raise ValueError(f"unknown budget kind {kind!r}; valid: 'exact', 'max'")
+
+
+@register_shaper("l1_exact", L1Params)
+class L1Exact(LengthShaper):
+    """L1-Exact: ``r = 1[correct] - alpha |n_gold - n_y|`` (spec §6f Eq. 1)."""
+
+    def terms(self, ctx: LengthContext) -> list[float]:
+        budgets = ctx.need_budgets(self.name)
+        return [
+            _l1_term("exact", bool(c), n, b, self.params)
+            for c, n, b in zip(ctx.correct, ctx.lengths, budgets)
+        ]
+
+
+@register_shaper("l1_max", L1Params)
+class L1Max(LengthShaper):
+    """L1-Max: ``r = 1[correct] clip(alpha (n_gold - n_y) + delta, 0, 1)`` (spec §6f Eq. 2)."""
+
+    def terms(self, ctx: LengthContext) -> list[float]:
+        budgets = ctx.need_budgets(self.name)
+        return [
+            _l1_term("max", bool(c), n, b, self.params) for c, n, b in zip(ctx.correct, ctx.lengths, budgets)
+        ]
+
+
+@register_shaper("l1_dual", L1Params)
+class L1Dual(LengthShaper):
+    """L1 dual objective: Eq. 1 for rows whose budget kind is ``exact``, Eq. 2 for ``max``."""
+
+    def terms(self, ctx: LengthContext) -> list[float]:
+        budgets = ctx.need_budgets(self.name)
+        kinds = ctx.need("budget_kinds", self.name)
+        return [
+            _l1_term(k, bool(c), n, b, self.params)
+            for k, c, n, b in zip(kinds, ctx.correct, ctx.lengths, budgets)
+        ]
+
+
+@dataclass(frozen=True)
+class BudgetPenaltyParams:
+    """Plain budget penalty ``correct - lam * max(0, len - budget) / budget`` [INFERRED lam=1]."""
+
+    lam: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lam < 0:
+            raise ValueError(f"budget_penalty.lam must be >= 0, got {self.lam}")
+
+
+@register_shaper("budget_penalty", BudgetPenaltyParams)
+class BudgetPenalty(LengthShaper):
+    """Penalise only the tokens over the prompt's budget, relative to the budget."""
+
+    def terms(self, ctx: LengthContext) -> list[float]:
+        budgets = ctx.need_budgets(self.name)
+        return [-self.params.lam * max(0, n - b) / b for n, b in zip(ctx.lengths, budgets)]
+
+
+@dataclass(frozen=True)
+class HAPOHistoryParams:
+    """§6a, defaults from ``HCY123902/HAPO``.
+
+    Attributes:
+        w_lr: weight of ``r_len``; in [0, 1] so any correct response outranks any incorrect one.
+        mode: ``min`` (shortest correct length so far) or ``mean`` (running mean of correct lengths).
+        type_lr: ``cosine`` (default) or ``linear``.
+        tolerance: linear variant's band ``[h, (1 + tolerance) h)`` that scores 0.
+        correct_floor: lowest ``r_len`` of a correct response (keeps ``r > 0.3``).
+    """
+
+    w_lr: float = 1.0
+    mode: Literal["min", "mean"] = "min"
+    type_lr: Literal["cosine", "linear"] = "cosine"
+    tolerance: float = 0.1
+    correct_floor: float = -0.7
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.w_lr <= 1.0:
+            raise ValueError(f"hapo_history.w_lr must be in [0, 1], got {self.w_lr}")
+        if self.mode not in ("min", "mean"):
+            raise ValueError(f"hapo_history.mode must be 'min' or 'mean', got {self.mode!r}")
+        if self.type_lr not in ("cosine", "linear"):
+            raise ValueError(f"hapo_history.type_lr must be 'cosine' or 'linear', got {self.type_lr!r}")
+
+
+@register_shaper("hapo_history", HAPOHistoryParams)
+class HAPOHistory(LengthShaper):
+    """HAPO history-aware length reward (spec §6a). The batch is scored against the *old* history,
+    then the history absorbs this batch's correct lengths.
+
+    State (JSON-serialisable): ``{"mode", "h": {problem: length}, "count": {problem: n}}``;
+    problems without a correct answer yet are absent (HAPO's Null).
+    """
+
+    def __init__(self, params: HAPOHistoryParams) -> None:
+        super().__init__(params)
+        self.h: dict[str, float] = {}
+        self.count: dict[str, int] = {}
+
+    def history(self, problem_id: Any) -> float | None:
+        """``h_q`` of a problem, or None (Null)."""
+        return self.h.get(str(problem_id))
+
+    def terms(self, ctx: LengthContext) -> list[float]:
+        p = self.params
+        pids = ctx.need("problem_ids", self.name)
+        return [
+            p.w_lr
+            * hapo_length_reward(
+                n,
+                bool(c),
+                self.h.get(str(q)),
+                type_lr=p.type_lr,
+                tolerance=p.tolerance,
+                correct_floor=p.correct_floor,
+            )
+            for q, c, n in zip(pids, ctx.correct, ctx.lengths)
+        ]
+
+    def update(self, ctx: LengthContext) -> None:
+        correct_lens: dict[str, list[int]] = {}
+        for q, c, n in zip(ctx.need("problem_ids", self.name), ctx.correct, ctx.lengths):
+            if c:
+                correct_lens.setdefault(str(q), []).append(int(n))
+        for q, lens in correct_lens.items():
+            old, k = self.h.get(q), self.count.get(q, 0)
+            if self.params.mode == "min":
+                self.h[q] = min(lens) if old is None else min(old, min(lens))
+            else:  # count-weighted running mean, as HAPO's HistroyTracker
+                batch_mean = sum(lens) / len(lens)
+                if old is None or k <= 0:
+                    self.h[q] = batch_mean
+                else:
+                    ratio = len(lens) / (k + len(lens))
+                    self.h[q] = ratio * batch_mean + (1 - ratio) * old
+            self.count[q] = k + len(lens)
+
+    def metrics(self, ctx: LengthContext, terms: list[float]) -> dict[str, float]:
+        pids = ctx.problem_ids or []
+        known = sum(_hapo_known(self.h.get(str(q))) for q in pids)
+        return {
+            **super().metrics(ctx, terms),
+            "length/hapo_history/problems": float(len(self.h)),
+            "length/hapo_history/known_frac": known / len(pids) if pids else 0.0,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mode": self.params.mode, "h": dict(self.h), "count": dict(self.count)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("mode") != self.params.mode:
+            raise ValueError(
+                f"hapo_history state was saved with mode={state.get('mode')!r} but this run uses "
+                f"mode={self.params.mode!r}; a min history cannot be resumed as a mean one"
+            )
+        self.h = {str(k): v for k, v in state["h"].items()}
+        self.count = {str(k): int(v) for k, v in state.get("count", {}).items()}
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+@dataclass
+class LengthShaping:
+    """An ordered list of shapers applied after the verifiers; its state goes into checkpoints.
+
+    >>> s = LengthShaping.from_config([{"name": "l1_exact"}])
+    >>> s(LengthContext(rewards=[1.0], correct=[True], lengths=[1500], max_len=4000, budgets=[1000]))[0]
+    [0.85]
+    """
+
+    shapers: list[LengthShaper] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, specs: Sequence[Mapping[str, Any]] | None) -> LengthShaping:
+        """Build from ``[{"name": ..., "params": {...}}, ...]`` (e.g. ``reward.length_shapers``)."""
+        shapers = []
+        for i, spec in enumerate(specs or []):
+            extra = sorted(set(spec) - {"name", "params"})
+            if "name" not in spec or extra:
+                raise ValueError(
+                    f"length_shapers[{i}] must be {{name: ..., params: {{...}}}}, got keys {sorted(spec)}"
+                )
+            shapers.append(build_shaper(spec["name"], spec.get("params")))
+        return cls(shapers)
+
+    def __bool__(self) -> bool:
+        return bool(self.shapers)
+
+    def __call__(self, ctx: LengthContext) -> tuple[list[float], dict[str, float]]:
+        """Apply every shaper in order; returns (rewards_B, metrics)."""
+        metrics: dict[str, float] = {}
+        for shaper in self.shapers:
+            terms = shaper.terms(ctx)
+            metrics.update(shaper.metrics(ctx, terms))
+            shaper.update(ctx)
+            ctx = dataclasses.replace(ctx, rewards=[float(r) + t for r, t in zip(ctx.rewards, terms)])
+        return list(ctx.rewards), metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"shapers": [{"name", "state"}, ...]}``, JSON-serialisable."""
+        return {"shapers": [{"name": s.name, "state": s.state_dict()} for s in self.shapers]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = list(state.get("shapers", []))
+        names = [s.name for s in self.shapers]
+        if [e["name"] for e in saved] != names:
+            raise ValueError(
+                f"checkpoint has length shapers {[e['name'] for e in saved]} but the config has {names}; "
+                "keep reward.length_shapers unchanged when resuming"
+            )
+        for shaper, entry in zip(self.shapers, saved):
+            shaper.load_state_dict(entry["state"])

@@ -17,11 +17,20 @@ Modes:
 
 To bound the damage of a verifier that hangs on every sample, after ``max_timeouts_per_call``
 per-sample timeouts in one ``score`` call its remaining samples get ``failure_value`` without
-being run (counted as failures).
+being run (counted as failures). ``batch_deadline_s`` bounds a whole ``score`` call: at the
+deadline running calls are killed and every unfinished sample gets ``failure_value`` (counted as a
+timeout; ``reward/deadline_exceeded`` is 1 for that step).
+
+A verifier with ``sandbox=True`` runs each call in :mod:`rewards.sandbox` (a fresh interpreter per
+call, with memory/CPU/process/output limits and no network), in either mode: its ``timeout_s``
+becomes the sandbox's wall-clock limit. Its module is not imported by the calling process (unless
+it is also listed in ``plugins``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import os
@@ -32,9 +41,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rewards import _pool
-from rewards.registry import absolute_spec, completion_text, load_plugins, lookup, resolve
+from rewards.registry import absolute_spec, check_exists, completion_text, load_plugins, lookup
+from rewards.sandbox import SandboxLimits
 
 log = logging.getLogger("rewards")
+SANDBOX_GRACE_S = 5.0
+"""Extra time the pool gives a sandboxed call beyond its own wall limit (start-up, clean-up)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,9 @@ class VerifierSpec:
         failure_value: reward given to a sample whose verification failed or returned None.
         label: metric name (``reward/{label}/mean``); defaults to ``name``, or the function name
             after ``:`` for module/file specs.
+        sandbox: run every call in :mod:`rewards.sandbox` (for untrusted verifier code).
+        params: keyword arguments for the verifier: a class's constructor arguments, or extra
+            keyword arguments of a function on every call. Must be JSON-serialisable.
     """
 
     name: str
@@ -55,6 +70,8 @@ class VerifierSpec:
     timeout_s: float = 10.0
     failure_value: float = 0.0
     label: str | None = None
+    sandbox: bool = False
+    params: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -65,6 +82,10 @@ class VerifierSpec:
             raise ValueError(f"VerifierSpec({self.name!r}).timeout_s must be > 0, got {self.timeout_s}")
         if not math.isfinite(self.failure_value):
             raise ValueError(f"VerifierSpec({self.name!r}).failure_value must be finite")
+        try:
+            json.dumps(dict(self.params), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"VerifierSpec({self.name!r}).params must be JSON-serialisable: {exc}") from None
 
     @property
     def key(self) -> str:
@@ -86,6 +107,7 @@ class _State:
     remaining: int = 0
     sample_timeouts: int = 0
     tripped: bool = False
+    deadline_hit: bool = False
     first_error: str | None = None
     t_end: float | None = None
 
@@ -130,7 +152,11 @@ class RewardManager:
         mode: Literal["process", "inline"] = "process",
         startup_timeout_s: float = 60.0,
         max_timeouts_per_call: int | None = 8,
+        batch_deadline_s: float | None = None,
+        sandbox_limits: SandboxLimits | Mapping[str, Any] | None = None,
     ) -> None:
+        """Args beyond the module docstring: ``sandbox_limits`` are the limits of sandboxed
+        verifiers (their ``wall_s`` is replaced by each verifier's ``timeout_s``)."""
         self.specs = [_coerce_spec(s) for s in specs]
         if not self.specs:
             raise ValueError("RewardManager needs at least one verifier")
@@ -142,16 +168,27 @@ class RewardManager:
             raise ValueError(f"mode must be 'process' or 'inline', got {mode!r}")
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if batch_deadline_s is not None and not batch_deadline_s > 0:
+            raise ValueError(f"batch_deadline_s must be > 0 or None, got {batch_deadline_s}")
+        if isinstance(sandbox_limits, Mapping):
+            sandbox_limits = SandboxLimits(**sandbox_limits)
+        self.sandbox_limits = sandbox_limits or SandboxLimits()
+        self.batch_deadline_s = batch_deadline_s
         self.mode = mode
         self.num_workers = num_workers
         self.max_timeouts_per_call = max_timeouts_per_call
         # Absolute plugin paths: workers (and later calls) must not depend on the cwd.
         self.plugins = [os.path.abspath(p) if p.endswith(".py") or "/" in p else p for p in plugins]
         load_plugins(self.plugins)
-        self._targets = [absolute_spec(s.name) for s in self.specs]
-        for target in self._targets:
-            lookup(target)  # fail fast on unknown names, before any worker starts
-        self.totals: dict[str, float] = {"reward/worker_restarts": 0.0}
+        targets = [self._target(s) for s in self.specs]
+        for spec, target in zip(self.specs, targets):  # fail fast, before any worker starts
+            if spec.sandbox:
+                check_exists(target["spec"])  # untrusted: do not import it here
+            else:
+                lookup(target["spec"])
+        self._targets = [json.dumps(t, sort_keys=True) for t in targets]
+        unique = {key: t for key, t in zip(self._targets, targets)}
+        self.totals: dict[str, float] = {"reward/worker_restarts": 0.0, "reward/deadline_exceeded": 0.0}
         for key in keys:
             for counter in ("calls", "samples", "failures", "timeouts", "none"):
                 self.totals[f"reward/{key}/{counter}"] = 0.0
@@ -160,10 +197,35 @@ class RewardManager:
         self._fns: dict[str, Any] = {}
         self._closed = False
         if mode == "inline":
-            self._fns = {t: resolve(t) for t in dict.fromkeys(self._targets)}
+            self._fns = {key: _pool.build_verifier(t, self.plugins) for key, t in unique.items()}
         else:
-            unique = list(dict.fromkeys(self._targets))
             self._pool = _pool.WorkerPool(num_workers, self.plugins, unique, startup_timeout_s)
+
+    @classmethod
+    def from_config(cls, cfg: Any, **overrides: Any) -> RewardManager:
+        """Build from an ``rlkit.config.RewardConfig`` (read by attribute; no rlkit import)."""
+        specs = [
+            VerifierSpec(v.name, v.weight, v.timeout_s, v.failure_value, label=getattr(v, "label", None),
+                         sandbox=getattr(v, "sandbox", False), params=dict(getattr(v, "params", {}) or {}))
+            for v in cfg.verifiers
+        ]  # fmt: skip
+        kwargs: dict[str, Any] = {"plugins": list(cfg.plugins), "num_workers": cfg.num_workers, "mode": cfg.mode,
+                                  "batch_deadline_s": getattr(cfg, "batch_deadline_s", None)}  # fmt: skip
+        sb = getattr(cfg, "sandbox", None)
+        if sb is not None:
+            kwargs["sandbox_limits"] = SandboxLimits(
+                memory_mb=sb.memory_mb,
+                max_output_bytes=sb.max_output_kb * 1024,
+                max_procs=sb.max_procs,
+                network=sb.network,
+            )
+        return cls(specs, **{**kwargs, **overrides})
+
+    def _target(self, spec: VerifierSpec) -> dict[str, Any]:
+        limits = None
+        if spec.sandbox:
+            limits = dataclasses.asdict(dataclasses.replace(self.sandbox_limits, wall_s=spec.timeout_s))
+        return {"spec": absolute_spec(spec.name), "params": dict(spec.params), "sandbox": limits}
 
     def score(self, completions: Sequence[Any], columns: Mapping[str, Any] | None = None) -> ScoreResult:
         """Score a batch.
@@ -184,9 +246,14 @@ class RewardManager:
             if self._closed:
                 raise RuntimeError("RewardManager is closed")
             t0 = time.monotonic()
+            deadline = t0 + self.batch_deadline_s if self.batch_deadline_s is not None else None
             states = [_State(spec, target, n) for spec, target in zip(self.specs, self._targets)]
             tasks = [
-                _pool.Task(st.target, idx, st.spec.timeout_s, st) for st in states for idx in self._chunks(n)
+                _pool.Task(
+                    st.target, idx, st.spec.timeout_s + (SANDBOX_GRACE_S if st.spec.sandbox else 0.0), st
+                )
+                for st in states
+                for idx in self._chunks(n)
             ]
 
             def payload(task: _pool.Task) -> tuple[list[str], dict[str, Any]]:
@@ -195,9 +262,9 @@ class RewardManager:
 
             restarts_before = self._pool.restarts if self._pool else 0
             if self._pool is not None:
-                self._pool.run(tasks, payload, self._on_result)
+                self._pool.run(tasks, payload, self._on_result, deadline)
             else:
-                self._run_inline(tasks, payload)
+                self._run_inline(tasks, payload, deadline)
             restarts = (self._pool.restarts if self._pool else 0) - restarts_before
             return self._summarize(states, t0, restarts)
 
@@ -210,6 +277,12 @@ class RewardManager:
 
     def _on_result(self, task: _pool.Task, kind: str, body: Any) -> list[_pool.Task]:
         st: _State = task.owner
+        if kind == "deadline":
+            st.deadline_hit = True
+            st.error(f"batch deadline of {self.batch_deadline_s:g}s passed")
+            for i in task.indices:
+                st.settle(i, "timeout")
+            return []
         if kind == "ok":
             for i, value in zip(task.indices, body):
                 if value is None:
@@ -234,15 +307,21 @@ class RewardManager:
                 log.warning("reward %s: %d timeouts, skipping its remaining samples", st.spec.key, limit)
         return []
 
-    def _run_inline(self, tasks: list[_pool.Task], payload: _pool.Payload) -> None:
+    def _run_inline(self, tasks: list[_pool.Task], payload: _pool.Payload, deadline: float | None) -> None:
         pending = list(reversed(tasks))
         while pending:
             task = pending.pop()
-            if task.owner.tripped:
+            left = deadline - time.monotonic() if deadline is not None else math.inf
+            if left <= 0:
+                follow = self._on_result(task, "deadline", None)
+            elif task.owner.tripped:
                 follow = self._on_result(task, "skipped", None)
             else:
                 texts, cols = payload(task)
-                kind, body = _pool.call_with_deadline(self._fns[task.spec], texts, cols, task.timeout_s)
+                timeout = min(task.timeout_s, left)
+                kind, body = _pool.call_with_deadline(self._fns[task.spec], texts, cols, timeout)
+                if kind == "timeout" and timeout < task.timeout_s:
+                    kind = "deadline"
                 follow = self._on_result(task, kind, body)
             pending.extend(reversed(follow))
 
@@ -272,7 +351,9 @@ class RewardManager:
                             key, failures, n, timeouts, st.first_error)  # fmt: skip
         metrics["reward/total/mean"] = sum(total) / n if n else 0.0
         metrics["reward/worker_restarts"] = float(restarts)
+        metrics["reward/deadline_exceeded"] = float(any(st.deadline_hit for st in states))
         self.totals["reward/worker_restarts"] += restarts
+        self.totals["reward/deadline_exceeded"] += metrics["reward/deadline_exceeded"]
         return total, metrics, per
 
     def close(self) -> None:

@@ -23,17 +23,15 @@ columns the verifier's signature cannot accept, and runs coroutines to completio
 
 from __future__ import annotations
 
-import asyncio
 import difflib
 import hashlib
 import importlib
-import importlib.metadata
 import importlib.util
 import inspect
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -134,19 +132,44 @@ def lookup(spec: str) -> Any:
     )
 
 
-def resolve(spec: str) -> RewardFn:
+def check_exists(spec: str) -> None:
+    """Raise like :func:`lookup` if ``spec`` names nothing, without running the verifier's module
+    (for sandboxed verifiers: a file must exist, a module must be findable)."""
+    with _LOCK:
+        if spec in _REGISTRY:
+            return
+    if spec in entry_point_names():
+        return
+    if ":" not in spec:
+        lookup(spec)  # raises the usual "unknown reward ... did you mean" error
+        return
+    target = spec.rpartition(":")[0]
+    if _looks_like_path(target):
+        if not os.path.isfile(target):
+            raise FileNotFoundError(f"verifier file {target!r} not found (relative to {os.getcwd()})")
+    elif importlib.util.find_spec(target) is None:
+        raise ModuleNotFoundError(f"verifier module {target!r} not found")
+
+
+def resolve(spec: str, params: Mapping[str, Any] | None = None) -> RewardFn:
     """Turn a spec string into a ready-to-call verifier.
 
-    Classes are instantiated and ``setup()`` is called if present; coroutine results are awaited
-    with ``asyncio.run`` (in a helper thread when the caller already runs an event loop).
+    Classes are instantiated with ``params`` as keyword arguments and ``setup()`` is called if
+    present; for functions, ``params`` are passed as extra keyword arguments on every call (after
+    the dataset columns, so a param wins over a column of the same name). Coroutine results are
+    awaited with ``asyncio.run`` (in a helper thread when the caller already runs an event loop).
 
     >>> fn = resolve("format")
     >>> fn(["so \\\\boxed{4}", [{"role": "assistant", "content": "no box"}]])
     [1.0, 0.0]
     """
+    params = dict(params or {})
     obj = lookup(spec)
     if inspect.isclass(obj):
-        instance = obj()
+        try:
+            instance = obj(**params)
+        except TypeError as exc:
+            raise TypeError(f"reward {spec!r}: cannot build {obj.__name__}(**{params!r}): {exc}") from None
         setup = getattr(instance, "setup", None)
         if callable(setup):
             result = setup()
@@ -154,12 +177,16 @@ def resolve(spec: str) -> RewardFn:
                 _run_awaitable(result)
         if not callable(instance):
             raise TypeError(f"reward {spec!r}: class {obj.__name__} must define __call__")
-        target = instance
-    elif callable(obj):
-        target = obj
-    else:
+        return _wrap(instance, spec, {})
+    if not callable(obj):
         raise TypeError(f"reward {spec!r} resolved to a non-callable {type(obj).__name__}")
-    return _wrap(target, spec)
+    if params:
+        accepted = _accepted_columns(obj)
+        unknown = sorted(set(params) - accepted) if accepted is not None else []
+        if unknown:
+            raise TypeError(f"reward {spec!r} does not accept params {unknown} (its keyword arguments: "
+                            f"{sorted(accepted or ())}; add them, or **kwargs)")  # fmt: skip
+    return _wrap(obj, spec, params)
 
 
 def absolute_spec(spec: str) -> str:
@@ -203,14 +230,17 @@ def _content_text(content: Any) -> str:
     return str(content)
 
 
-def _wrap(fn: Callable[..., Any], spec: str) -> RewardFn:
-    accepted = _accepted_columns(fn)
+def _wrap(fn: Callable[..., Any], spec: str, params: dict[str, Any]) -> RewardFn:
+    by_keyword, accepted = _signature_info(fn)
 
     def verifier(completions: list[Any], **columns: Any) -> Any:
         texts = [completion_text(c) for c in completions]
         if accepted is not None:
             columns = {k: v for k, v in columns.items() if k in accepted}
-        out = fn(texts, **columns)
+        kwargs = {**columns, **params}
+        # TRL calls reward functions by keyword (prompts=..., completions=...), so a parameter
+        # named `completions` may sit anywhere; otherwise the first positional one gets them.
+        out = fn(completions=texts, **kwargs) if by_keyword else fn(texts, **kwargs)
         return _run_awaitable(out) if inspect.isawaitable(out) else out
 
     verifier.__name__ = getattr(fn, "__name__", type(fn).__name__)
@@ -223,16 +253,26 @@ def _wrap(fn: Callable[..., Any], spec: str) -> RewardFn:
 
 def _accepted_columns(fn: Callable[..., Any]) -> set[str] | None:
     """Keyword names ``fn`` accepts, or None when it takes ``**kwargs`` (or is unintrospectable)."""
+    return _signature_info(fn)[1]
+
+
+def _signature_info(fn: Callable[..., Any]) -> tuple[bool, set[str] | None]:
+    """(completions passed by keyword?, column names accepted or None for ``**kwargs``)."""
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
-        return None
+        return False, None
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    by_keyword = any(p.name == "completions" for p in named)
     if any(p.kind is p.VAR_KEYWORD for p in params):
-        return None
-    return {p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        return by_keyword, None
+    receiver = "completions" if by_keyword else (params[0].name if params else None)
+    return by_keyword, {p.name for p in named if p.name != receiver}
 
 
 def _run_awaitable(awaitable: Any) -> Any:
+    import asyncio  # lazily: ~50 ms, and every sandboxed verifier call imports this module
+
     async def _await() -> Any:
         return await awaitable
 
@@ -294,12 +334,23 @@ def _load_file(path: str) -> ModuleType:
         return module
 
 
-def _entry_point(name: str) -> Any:
+def entry_point_names() -> list[str]:
+    """Sorted names that installed distributions export in the ``rlkit.rewards`` entry-point group
+    (without importing them)."""
+    return sorted({ep.name for ep in _entry_points()})
+
+
+def _entry_points() -> list[Any]:
+    import importlib.metadata  # lazily, like asyncio above
+
     try:
-        eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+        return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
     except Exception:  # broken metadata must not hide the real "unknown reward" error
-        return None
-    for ep in eps:
+        return []
+
+
+def _entry_point(name: str) -> Any:
+    for ep in _entry_points():
         if ep.name == name:
             return ep.load()
     return None

@@ -3,6 +3,7 @@
     rlkit train recipes/quickstart.yaml [key.sub=value ...] [--resume | --no-resume]
     rlkit eval  recipes/quickstart.yaml | RUN_DIR [key=value ...] [--model DIR] [--out FILE]
     rlkit plot  RUN_DIR
+    rlkit inspect RUN_DIR [--step N] [--out FILE]   # HTML view of per-token advantages
     rlkit config [RECIPE] [overrides]   # print the resolved config (or the reference with --reference)
     rlkit models [--convert NAME]
 """
@@ -94,6 +95,17 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from rlkit.inspector import render_inspect
+
+    try:
+        print(render_inspect(args.run_dir, step=args.step, out=args.out))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"rlkit: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -138,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="write PNG curves of a run")
     p.add_argument("run_dir")
     p.set_defaults(fn=_cmd_plot)
+    i = sub.add_parser("inspect", help="write an HTML page of sampled responses coloured by per-token advantage")
+    i.add_argument("run_dir")
+    i.add_argument("--step", type=int, help="training step to show (default: the latest dump)")
+    i.add_argument("--out", help="HTML file to write (default: RUN_DIR/inspect/step_N.html)")
+    i.set_defaults(fn=_cmd_inspect)
     c = sub.add_parser("config", help="print the resolved config, or the reference")
     c.add_argument("recipe", nargs="?")
     c.add_argument("overrides", nargs="*")

@@ -55,6 +55,20 @@ class DataConfig(_Section):
         description="Python format string applied to string prompts ({prompt} and row columns).",
     )
     shuffle: bool = True
+    budget: dict[str, Any] | None = Field(
+        None,
+        description="Per-prompt token budget written into the prompt (L1 / budget rewards): "
+        "rewards.budget_prompt.BudgetPromptParams fields (prior, low, high, template, ...).",
+    )
+
+
+class AdaptiveTemperatureConfig(_Section):
+    """HAPO adaptive temperature (spec §3.2): T' = T (1 + tau * h_hat) from last step's entropy stats."""
+
+    enabled: bool = False
+    tau: float = Field(0.05, ge=0.0, lt=1.0, description="temperature_tau.")
+    pivot: float = Field(0.8, gt=0.0, lt=1.0, description="Entropy quantile used as the pivot.")
+    replicate_release_sign: bool = Field(False, description="Reproduce the released code's sign of h_hat.")
 
 
 class EngineConfig(_Section):
@@ -66,6 +80,7 @@ class EngineConfig(_Section):
     top_k: int = Field(0, ge=0)
     stop: list[str] = Field(default_factory=list)
     max_batch_size: int = Field(64, ge=1, description="Sequences decoded together.")
+    adaptive_temperature: AdaptiveTemperatureConfig = Field(default_factory=AdaptiveTemperatureConfig)
 
 
 class LearnerConfig(_Section):
@@ -77,6 +92,11 @@ class LearnerConfig(_Section):
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     grad_clip: float = Field(1.0, gt=0.0)
     micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward.")
+    share_prompt: bool = Field(
+        True,
+        description="Run each group's shared prompt forward once and reuse its KV cache (with grad) for "
+        "the group's responses; exact, and faster when prompts are a large share of the tokens.",
+    )
     num_threads: int | None = Field(None, ge=1, description="torch threads; default all cores.")
 
 
@@ -112,6 +132,10 @@ class AlgorithmConfig(_Section):
     dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
     overlong_filter: bool = Field(False, description="Mask the loss of truncated samples.")
     overlong_shaping: OverlongShapingConfig = Field(default_factory=OverlongShapingConfig)
+    step_probe: dict[str, Any] = Field(
+        default_factory=dict,
+        description="SPAE probe settings (rlkit.probes.ProbeParams); used by advantages that need probes.",
+    )
 
 
 class TrainConfig(_Section):
@@ -125,8 +149,20 @@ class TrainConfig(_Section):
 class VerifierConfig(_Section):
     name: str = Field(description="Registered name, module:function or file.py:function.")
     weight: float = 1.0
-    timeout_s: float = Field(10.0, gt=0.0)
-    failure_value: float = 0.0
+    timeout_s: float = Field(10.0, gt=0.0, description="Deadline of one call (sandbox: its wall limit).")
+    failure_value: float = Field(0.0, description="Reward of a sample whose verification failed.")
+    label: str | None = Field(None, description="Metric name reward/<label>/...; default: the name.")
+    sandbox: bool = Field(False, description="Run each call in rewards.sandbox (untrusted code).")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments: class constructor / extra function kwargs."
+    )
+
+
+class SandboxConfig(_Section):
+    memory_mb: int = Field(1024, ge=32, description="Address-space limit per sandboxed process (MiB).")
+    max_output_kb: int = Field(1024, ge=1, description="Cap on stdout/stderr/files of a sandboxed run.")
+    max_procs: int = Field(32, ge=2, description="Processes+threads a sandboxed run may hold (fork bombs).")
+    network: bool = Field(False, description="Allow network access from sandboxed runs.")
 
 
 class RewardConfig(_Section):
@@ -136,6 +172,15 @@ class RewardConfig(_Section):
     plugins: list[str] = Field(default_factory=list, description="Modules importing @reward defs.")
     mode: Literal["process", "inline"] = "process"
     num_workers: int = Field(1, ge=1)
+    batch_deadline_s: float | None = Field(
+        None, gt=0.0, description="Bound on scoring one step; unfinished samples get failure_value."
+    )
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    length_shapers: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Length-aware reward terms applied after the verifiers, in order: "
+        "[{name: kimi|l1_exact|l1_max|l1_dual|hapo_history|budget_penalty|dapo_overlong, params: {...}}].",
+    )
 
 
 class CheckpointConfig(_Section):
@@ -149,6 +194,9 @@ class TrackingConfig(_Section):
     tensorboard: bool = True
     wandb: dict[str, Any] | None = Field(None, description="wandb.init kwargs; None disables.")
     samples_per_step: int = Field(4, ge=0)
+    inspect_groups: int = Field(
+        2, ge=0, description="Groups per step dumped to RUN_DIR/inspect for `rlkit inspect`; 0 = off."
+    )
     console: bool = True
 
 
@@ -382,19 +430,43 @@ def _check_registries(cfg: Config) -> None:
             reg.build_params(name, kwargs)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{params_key}: {e}") from None
+    _check_plugin_params(cfg)
     import rewards
 
     rewards.load_plugins(cfg.reward.plugins)
+    known = rewards.list_rewards() + rewards.registry.entry_point_names()  # entry points: not imported
     for i, v in enumerate(cfg.reward.verifiers):
         if ":" in v.name:
             continue  # resolved (and imported) by the reward workers
-        if v.name not in rewards.list_rewards():
-            hint = nearest(v.name, rewards.list_rewards())
+        if v.name not in known:
+            hint = nearest(v.name, known)
             raise ConfigError(
                 f"reward.verifiers.{i}.name: unknown verifier '{v.name}'"
                 + (f"; did you mean '{hint}'?" if hint else "")
-                + f" (registered: {', '.join(rewards.list_rewards())})"
+                + f" (registered: {', '.join(known)})"
             )
+    labels = [v.label or (v.name.rpartition(":")[2] if ":" in v.name else v.name) for v in cfg.reward.verifiers]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise ConfigError(f"reward.verifiers: duplicate metric names {dupes}; give each a distinct 'label'")
+
+
+def _check_plugin_params(cfg: Config) -> None:
+    """Validate the dict-valued blocks read by method modules (probes, length shapers, budgets)."""
+    from rewards.budget_prompt import budget_params
+    from rewards.length import LengthShaping, build_dataclass
+    from rlkit.probes import ProbeParams
+
+    checks = [("algorithm.step_probe", lambda: build_dataclass(ProbeParams, cfg.algorithm.step_probe, "step_probe")),
+              ("reward.length_shapers", lambda: LengthShaping.from_config(cfg.reward.length_shapers))]
+    if cfg.data.budget is not None:
+        checks.append(("data.budget", lambda: budget_params(cfg.data.budget)))
+    for key, fn in checks:
+        try:
+            fn()
+        except (ValueError, TypeError, KeyError) as e:
+            msg = e.args[0] if e.args else str(e)
+            raise ConfigError(f"{key}: {msg}") from None
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

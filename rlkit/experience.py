@@ -36,6 +36,8 @@ class Group:
     completions: list[Completion]
     rewards: list[float] = field(default_factory=list)
     per_verifier: dict[str, list[float]] = field(default_factory=dict)
+    problem_id: Any = None  # stable key of the training row (history-based length rewards)
+    budget: Any = None  # rewards.budget_prompt.BudgetAssignment written into the prompt, if any
 
 
 def sampling_params(cfg: Config, *, n: int, seed: int, greedy: bool = False, max_new_tokens: int | None = None):
@@ -47,7 +49,7 @@ def sampling_params(cfg: Config, *, n: int, seed: int, greedy: bool = False, max
         top_k=e.top_k,
         n=n,
         stop=tuple(e.stop),
-        return_entropy=False,
+        return_entropy=cfg.tracking.inspect_groups > 0 and not greedy,
         seed=seed,
     )
 
@@ -77,6 +79,7 @@ def score_groups(groups: list[Group], manager, answer_columns: list[str] | None 
     for g in groups:
         for c in g.completions:
             texts.append(c.text)
+            columns.setdefault("prompts", []).append(g.row.get("prompt"))  # TRL's name for the prompt
             for k in keys:
                 columns.setdefault(k, []).append(g.row.get(k))
     totals, metrics, per_verifier = manager.score(texts, columns)
@@ -112,8 +115,42 @@ def keep_informative(groups: list[Group]) -> list[Group]:
     return [g for i, g in enumerate(groups) if bool(keep[gids == i].all())]
 
 
-def make_batch(groups: list[Group], cfg: Config, pad_id: int) -> tuple[TrainBatch, torch.Tensor]:
-    """Pack groups into a TrainBatch with advantages; returns (batch, rewards_B)."""
+def apply_length_shaping(groups: list[Group], cfg: Config, shaping, step: int, acc_key: str | None) -> dict[str, float]:
+    """Add the configured length-aware reward terms (``reward.length_shapers``) to every reward."""
+    from rewards.length import LengthContext
+
+    comps = [(g, gi, c) for gi, g in enumerate(groups) for c in g.completions]
+    if not comps:
+        return {}
+    acc = [v for g in groups for v in g.per_verifier.get(acc_key, [0.0] * len(g.completions))]
+    budgets = [g.budget for g, _, _ in comps]
+    ctx = LengthContext(
+        rewards=[r for g in groups for r in g.rewards],
+        correct=[v is not None and v >= 1.0 for v in acc],
+        lengths=[len(c.token_ids) for _, _, c in comps],
+        max_len=cfg.engine.max_new_tokens,
+        group_ids=[gi for _, gi, _ in comps],
+        problem_ids=[g.problem_id for g, _, _ in comps],
+        step=step,
+        budgets=[b.budget if b is not None else None for b in budgets],
+        budget_kinds=[b.kind if b is not None else "exact" for b in budgets],
+    )
+    rewards, metrics = shaping(ctx)
+    i = 0
+    for g in groups:
+        g.rewards = [float(x) for x in rewards[i : i + len(g.completions)]]
+        i += len(g.completions)
+    return {f"length/{k}" if "/" not in k else k: float(v) for k, v in metrics.items()}
+
+
+def make_batch(
+    groups: list[Group], cfg: Config, pad_id: int, extras: dict[str, Any] | None = None
+) -> tuple[TrainBatch, torch.Tensor, dict[str, Any]]:
+    """Pack groups into a TrainBatch with advantages.
+
+    ``extras`` (e.g. SPAE probe values) reach the advantage estimator; returns
+    ``(batch, rewards_B, extras)`` where the estimator may have added ``metrics`` and ``token_maps``.
+    """
     prompts, responses, lps, gids, rewards, trunc = [], [], [], [], [], []
     for gi, g in enumerate(groups):
         for c, r in zip(g.completions, g.rewards):
@@ -135,9 +172,10 @@ def make_batch(groups: list[Group], cfg: Config, pad_id: int) -> tuple[TrainBatc
         group_ids_B=torch.tensor(gids, dtype=torch.long),
         response_mask_BT=batch.response_mask_BT,
         response_ids_BT=batch.response_ids_BT,
+        extras=dict(extras or {}),
     )
     batch.advantages_BT = entry.fn(inputs, ADVANTAGES.build_params(a.advantage, a.advantage_params)).float()
-    return batch, rewards_B
+    return batch, rewards_B, inputs.extras
 
 
 def rollout_metrics(groups: list[Group], acc_key: str | None) -> dict[str, float]:
@@ -158,11 +196,19 @@ def rollout_metrics(groups: list[Group], acc_key: str | None) -> dict[str, float
     return m
 
 
-def collect(step: int, cfg: Config, engines, cursor, rows, encode, manager, tracker_print=None):
+def collect(step: int, cfg: Config, engines, cursor, rows, encode, manager, tracker_print=None, *,
+            shaping=None, acc_key: str | None = None, request_meta: dict[str, Any] | None = None):
     """Generate and score until the step has ``prompts_per_step`` groups (DAPO refill if enabled).
 
-    Returns (groups, metrics). ``encode(row) -> prompt token ids``.
+    Returns (kept groups, all generated groups, metrics). ``encode(row, budget) -> prompt token
+    ids``; budgets (``data.budget``) are a pure function of (seed, step, row index). ``shaping``
+    adds length-aware reward terms; ``request_meta`` goes into every request (logits processors).
     """
+    budget_p = None
+    if cfg.data.budget is not None:
+        from rewards.budget_prompt import budget_params
+
+        budget_p = budget_params(cfg.data.budget)
     t = cfg.train
     ds = cfg.algorithm.dynamic_sampling
     kept: list[Group] = []
@@ -174,18 +220,29 @@ def collect(step: int, cfg: Config, engines, cursor, rows, encode, manager, trac
         rounds += 1
         idx = cursor.next_indices(t.prompts_per_step)
         batch_rows = [rows[i] for i in idx]
+        budgets = [None] * len(idx)
+        if budget_p is not None:
+            from rewards.budget_prompt import sample_budgets
+
+            budgets = sample_budgets(budget_p, seed=cfg.seed, step=step, prompt_keys=idx)
         params = sampling_params(cfg, n=t.samples_per_prompt, seed=step_seed(cfg.seed, step, rounds))
-        reqs = [RolloutRequest(prompt_ids=encode(r), params=params, group_id=k) for k, r in enumerate(batch_rows)]
+        reqs = [RolloutRequest(prompt_ids=encode(r, b), params=params, group_id=k,
+                               budget=None if b is None else b.budget, meta=dict(request_meta or {}))
+                for k, (r, b) in enumerate(zip(batch_rows, budgets))]
         comps, gen_s = generate(engines, reqs)
         m["time/gen_s"] += gen_s
         groups = [
-            Group(row=r, prompt_ids=q.prompt_ids, completions=comps[k * t.samples_per_prompt : (k + 1) * t.samples_per_prompt])
-            for k, (r, q) in enumerate(zip(batch_rows, reqs))
+            Group(row=r, prompt_ids=q.prompt_ids,
+                  completions=comps[k * t.samples_per_prompt : (k + 1) * t.samples_per_prompt],
+                  problem_id=r.get("id", i), budget=b)
+            for k, (r, q, i, b) in enumerate(zip(batch_rows, reqs, idx, budgets))
         ]
         t0 = time.perf_counter()
         reward_metrics = _merge_counts(reward_metrics, score_groups(groups, manager))
         if cfg.algorithm.overlong_shaping.enabled:
             overlong_shaping(groups, cfg)
+        if shaping:
+            m.update(apply_length_shaping(groups, cfg, shaping, step, acc_key))
         m["time/reward_s"] += time.perf_counter() - t0
         all_groups += groups
         if not ds.enabled:

@@ -34,7 +34,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
-        from rewards import RewardManager, VerifierSpec
+        from rewards import RewardManager
         from rlkit.checkpoint import latest_checkpoint
         from rlkit.data import PromptCursor, load_rows, split_rows
         from rlkit.models import load_tokenizer, resolve_model_path
@@ -62,12 +62,13 @@ class Trainer:
             raise ValueError("no training rows left after the eval split; lower data.eval_size")
         self.cursor = PromptCursor(len(self.train_rows), cfg.seed, shuffle=d.shuffle)
         self._prompt_cache: dict[int, list[int]] = {}
-        self.manager = RewardManager(
-            [VerifierSpec(v.name, v.weight, v.timeout_s, v.failure_value) for v in cfg.reward.verifiers],
-            plugins=cfg.reward.plugins, num_workers=cfg.reward.num_workers, mode=cfg.reward.mode,
-        )
+        self.manager = RewardManager.from_config(cfg.reward)
         names = [v.name for v in cfg.reward.verifiers]
         self.acc_key = "math" if "math" in names else names[0]
+        from rewards.length import LengthShaping
+
+        self.shaping = LengthShaping.from_config(cfg.reward.length_shapers)
+        self.sampler_stats: list[float] | None = None  # HAPO adaptive temperature, from the last step
 
         from rlkit.orchestration.ray_actors import init_ray, spawn_actors
 
@@ -77,13 +78,18 @@ class Trainer:
             engine_kwargs["lora"] = cfg.model.lora.model_dump()
         self.learner, self.engines = spawn_actors(cfg, self.model_path, engine_kwargs)
 
-    def encode(self, row: dict) -> list[int]:
+    def encode(self, row: dict, budget=None) -> list[int]:
+        """Prompt token ids of ``row`` (with its token ``budget`` written in, if any); cached."""
         from rlkit.data import format_prompt
         from rlkit.models import apply_chat_template
 
-        key = id(row)
+        key = (id(row), budget)
         if key not in self._prompt_cache:
             msgs = format_prompt(row, self.cfg.data.system_prompt, self.cfg.data.prompt_template)
+            if budget is not None:
+                from rewards.budget_prompt import apply_budget, budget_params
+
+                msgs = apply_budget(msgs, budget, budget_params(self.cfg.data.budget))
             self._prompt_cache[key] = apply_chat_template(self.tokenizer, msgs)
         return self._prompt_cache[key]
 
@@ -100,6 +106,9 @@ class Trainer:
         ts = state["trainer_state"]
         self.cursor.load_state_dict(ts["cursor"])
         restore_rng_state(ts["rng"])
+        if "length_shaping" in ts:
+            self.shaping.load_state_dict(ts["length_shaping"])
+        self.sampler_stats = ts.get("sampler_stats")
         return int(state["step"])
 
     def _save(self, step: int) -> Path:
@@ -111,7 +120,8 @@ class Trainer:
         return save_checkpoint(
             self.run_dir, step, model_state=st["model_state"], optimizer_state=st["optimizer_state"],
             scheduler_state=st["scheduler_state"], keep_last=self.cfg.checkpoint.keep_last,
-            trainer_state={"cursor": self.cursor.state_dict(), "rng": capture_rng_state(), "step": step},
+            trainer_state={"cursor": self.cursor.state_dict(), "rng": capture_rng_state(), "step": step,
+                           "length_shaping": self.shaping.state_dict(), "sampler_stats": self.sampler_stats},
         )
 
     # ------------------------------------------------------------------ loop
@@ -158,12 +168,19 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         groups, all_groups, m = X.collect(step, cfg, self.engines, self.cursor, self.train_rows,
-                                          self.encode, self.manager, tracker.print)
+                                          self.encode, self.manager, tracker.print, shaping=self.shaping,
+                                          acc_key=self.acc_key, request_meta=self._request_meta())
         _fault_injection(step)
         m.update(X.rollout_metrics(all_groups, self.acc_key))
         if groups:
-            batch, _ = X.make_batch(groups, cfg, self.tokenizer.pad_token_id)
+            extras = self._advantage_extras(step, groups, m)
+            batch, _, extras = X.make_batch(groups, cfg, self.tokenizer.pad_token_id, extras)
+            m.update({k: float(v) for k, v in extras.get("metrics", {}).items()})
+            self._dump_inspect(step, groups, batch, extras)
             m.update(ray.get(self.learner.train_step.remote(batch)))
+            at = cfg.engine.adaptive_temperature
+            if at.enabled:
+                self.sampler_stats = ray.get(self.learner.entropy_stats.remote(at.pivot, at.replicate_release_sign))
             m["time/sync_s"] = sync_weights(self.learner, self.engines, step)
         else:
             tracker.print(f"step {step}: no informative group; update skipped")
@@ -173,6 +190,59 @@ class Trainer:
         m["perf/tokens_per_s"] = gen_tokens / m["time/step_s"]
         self._log_samples(step, all_groups, tracker)
         return m
+
+    def _request_meta(self) -> dict[str, Any]:
+        """Per-request extras for training rollouts: HAPO's adaptive temperature processor."""
+        at = self.cfg.engine.adaptive_temperature
+        if not at.enabled or self.sampler_stats is None:
+            return {}
+        from rlkit.algorithms.hapo import EntropyStats
+        from rollout.adaptive_temperature import AdaptiveTemperature
+
+        return {"logits_processors": [AdaptiveTemperature(EntropyStats(*self.sampler_stats), tau=at.tau)]}
+
+    def _advantage_extras(self, step: int, groups: list[X.Group], m: dict[str, float]) -> dict[str, Any]:
+        """Inputs an advantage estimator asks for beyond rewards (SPAE's step probes)."""
+        from rlkit.algorithms import ADVANTAGES
+
+        entry = ADVANTAGES.get(self.cfg.algorithm.advantage)
+        if not getattr(entry.params, "needs_step_probes", False):
+            return {}
+        from rewards.length import build_dataclass
+        from rlkit.probes import ProbeParams, probe_groups
+
+        p = build_dataclass(ProbeParams, self.cfg.algorithm.step_probe, "step_probe")
+        t0 = time.perf_counter()
+        res = probe_groups(groups, self.engines, self.tokenizer, p, seed=X.step_seed(self.cfg.seed, step, 7919))
+        m.update({k: float(v) for k, v in res.metrics.items()})
+        m["time/probe_s"] = time.perf_counter() - t0
+        return res.extras()
+
+    def _dump_inspect(self, step: int, groups: list[X.Group], batch, extras: dict[str, Any]) -> None:
+        """Write the first ``tracking.inspect_groups`` groups' per-token credit for ``rlkit inspect``."""
+        k = self.cfg.tracking.inspect_groups
+        if not k:
+            return
+        from rlkit.inspector import write_step_dump
+
+        sel = [(gi, g, c, r) for gi, g in enumerate(groups[:k]) for c, r in zip(g.completions, g.rewards)]
+        n = len(sel)
+        maps: dict[str, Any] = {"advantage": batch.advantages_BT[:n]}
+        for name, t in extras.get("token_maps", {}).items():
+            maps[name] = t[:n]
+        if all(c.entropies for _, _, c, _ in sel):
+            maps["entropy"] = [list(c.entropies) for _, _, c, _ in sel]
+        prompt = [g.row["prompt"] if isinstance(g.row["prompt"], str) else g.row["prompt"][-1]["content"]
+                  for _, g, _, _ in sel]
+        a = self.cfg.algorithm
+        write_step_dump(
+            self.run_dir, step, prompts=prompt, answers=[g.row.get("answer") for _, g, _, _ in sel],
+            rewards=[float(r) for *_, r in sel], finish_reasons=[c.finish_reason for _, _, c, _ in sel],
+            group_ids=[gi for gi, *_ in sel], token_ids=[list(c.token_ids) for _, _, c, _ in sel],
+            token_texts=[[self.tokenizer.decode([t]) for t in c.token_ids] for _, _, c, _ in sel],
+            maps=maps, meta={"advantage": a.advantage, "policy_loss": a.policy_loss,
+                             **{k2: float(v) for k2, v in extras.get("metrics", {}).items()}},
+        )
 
     def _log_samples(self, step: int, groups: list[X.Group], tracker) -> None:
         k = self.cfg.tracking.samples_per_step

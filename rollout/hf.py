@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from rollout.budget import HIDDEN_STATES_KEY
 from rollout.engine import Completion, RolloutRequest, SamplingParams, register_engine
 from rollout.sampling import (
     DecodeState,
@@ -34,6 +35,7 @@ from rollout.sampling import (
     filter_top_k_top_p,
     logprobs_and_entropy,
     sample_rows,
+    unique_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -114,6 +116,11 @@ class _Batch:
         idx = keep.tolist()
         self.gens = [self.gens[i] for i in idx]
         self.stops = [self.stops[i] for i in idx]
+
+
+def _last_hidden(res: Any) -> torch.Tensor:
+    """(B, N+1, H): embedding output and every layer's hidden state at the last position."""
+    return torch.stack([h[:, -1] for h in res.hidden_states], dim=1)
 
 
 def _mix_seed(*parts: Any) -> int:
@@ -264,6 +271,10 @@ class HFEngine:
         bt = _Batch.build(rows, P, T_max, self.pad_id, self.device)
         want_entropy = any(r.params.return_entropy for r in rows)
         processors = rows[0].processors
+        # opt-in: processors with `needs_hidden_states` (budget guidance) read every layer's hidden
+        # state at the current position from state.extra[HIDDEN_STATES_KEY]; off by default (cost)
+        hidden_kw = {"output_hidden_states": True} if any(
+            getattr(p, "needs_hidden_states", False) for p in processors) else {}
         state = DecodeState(
             requests=requests,
             request_index_B=torch.tensor([r.req_idx for r in rows], device=self.device),
@@ -278,10 +289,7 @@ class HFEngine:
         ent_BT = torch.zeros((B, T_max), dtype=torch.float32, device=self.device) if want_entropy else None
         gen_len, reason = [T_max] * B, ["length"] * B
 
-        prefill_pos = (bt.attn[:, :P].cumsum(-1) - 1).clamp(min=0)
-        res = self.model(input_ids=bt.ids[:, :P], attention_mask=bt.attn[:, :P],
-                         position_ids=prefill_pos, use_cache=True, logits_to_keep=1)
-        cache, logits_bV = res.past_key_values, res.logits[:, -1, :]
+        cache, logits_bV = self._prefill(bt.ids[:, :P], bt.attn[:, :P], state.extra if hidden_kw else None)
         for step in range(T_max):
             if processors:
                 state.num_generated_B, state.temperature_B = bt.ngen, bt.temp
@@ -320,12 +328,34 @@ class HFEngine:
                 for name in ("request_index_B", "sample_index_B", "budget_B"):
                     setattr(state, name, getattr(state, name)[keep])
             res = self.model(input_ids=tok_b[:, None], attention_mask=bt.attn[:, : P + step + 1],
-                             position_ids=bt.pos[:, None], past_key_values=cache, use_cache=True)
+                             position_ids=bt.pos[:, None], past_key_values=cache, use_cache=True, **hidden_kw)
             cache, logits_bV = res.past_key_values, res.logits[:, -1, :]
+            if hidden_kw:
+                state.extra[HIDDEN_STATES_KEY] = _last_hidden(res)
             bt.pos = bt.pos + 1
         return [self._completion(rows[i], requests, tok_BT[i], lp_BT[i],
                                  None if ent_BT is None else ent_BT[i], gen_len[i], reason[i])
                 for i in range(B)]
+
+    def _prefill(self, ids_BP: torch.Tensor, attn_BP: torch.Tensor, hidden_out: dict[str, Any] | None = None):
+        """Prefill the left-padded contexts, each distinct context once (the n samples of a
+        request share it); the KV cache and last logits are then expanded to every row.
+        With ``hidden_out``, the last position's hidden states go to ``hidden_out[HIDDEN_STATES_KEY]``."""
+        first, inverse = unique_rows(ids_BP, attn_BP)
+        if len(first) == len(inverse):
+            first, inverse = None, None
+        ids_u, attn_u = (ids_BP, attn_BP) if first is None else (ids_BP[first], attn_BP[first])
+        pos_u = (attn_u.cumsum(-1) - 1).clamp(min=0)
+        res = self.model(input_ids=ids_u, attention_mask=attn_u, position_ids=pos_u, use_cache=True, logits_to_keep=1,
+                         **({"output_hidden_states": True} if hidden_out is not None else {}))
+        cache, logits = res.past_key_values, res.logits[:, -1, :]
+        if hidden_out is not None:
+            hidden = _last_hidden(res)
+            hidden_out[HIDDEN_STATES_KEY] = hidden if inverse is None else hidden[inverse]
+        if inverse is not None:
+            cache.batch_select_indices(inverse)
+            logits = logits[inverse]
+        return cache, logits
 
     def _stop_hits(self, ids_bT: torch.Tensor, P: int, step: int, stops: list[tuple[str, ...]],
                    check_b: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,20 @@ class LogitsProcessor(Protocol):
     ) -> torch.Tensor: ...
 
 
+def unique_rows(ids_BP: torch.Tensor, attn_BP: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows with identical (left-padded) token contexts, e.g. the n samples of one prompt.
+
+    Returns ``(first_U, inverse_B)``: one representative row per distinct context and, per row,
+    the index of its context, so ``ids_BP[first_U][inverse_B]`` equals ``ids_BP`` on attended tokens.
+    """
+    key = torch.where(attn_BP > 0, ids_BP, -1)
+    _, inverse_B = torch.unique(key, dim=0, return_inverse=True)
+    U = int(inverse_B.max()) + 1 if inverse_B.numel() else 0
+    rows_B = torch.arange(len(inverse_B), device=ids_BP.device)
+    first_U = torch.full((U,), len(inverse_B), dtype=torch.long, device=ids_BP.device)
+    return first_U.scatter_reduce(0, inverse_B, rows_B, reduce="amin"), inverse_B
+
+
 def apply_processors(
     processors: list[LogitsProcessor],
     step: int,

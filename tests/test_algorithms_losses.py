@@ -30,7 +30,8 @@ def _inputs(log_ratios: list[list[float]] = LOG_RATIOS, adv: torch.Tensor = ADV)
     old = torch.full((2, 3), -1.0, dtype=F64)
     logprobs = (old + torch.tensor(log_ratios, dtype=F64)).requires_grad_(True)
     return PolicyLossInputs(
-        logprobs_BT=logprobs, old_logprobs_BT=old, advantages_BT=adv, response_mask_BT=MASK
+        logprobs_BT=logprobs, old_logprobs_BT=old, advantages_BT=adv, response_mask_BT=MASK,
+        entropy_BT=torch.linspace(0.1, 2.0, 6, dtype=F64).reshape(2, 3),
     )
 
 

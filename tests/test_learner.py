@@ -86,3 +86,40 @@ def test_lr_schedule():
     assert lr_lambda(6, warmup=2, total=10, schedule="linear") == pytest.approx(0.5)
     assert lr_lambda(6, warmup=2, total=10, schedule="cosine") == pytest.approx(0.5)
     assert lr_lambda(10, warmup=2, total=10, schedule="cosine") == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_forward_is_exact_and_runs_each_prompt_once(tiny_model_dir, lora):
+    _, comps, batch = _rollout(tiny_model_dir, n=3)
+    g = torch.Generator().manual_seed(1)
+    batch.advantages_BT = torch.randn(batch.response_mask_BT.shape, generator=g) * batch.response_mask_BT
+    extra = ["model.lora.rank=4", "model.lora.alpha=8"] if lora else []
+    results = {}
+    for share in (False, True):
+        learner = _learner(tiny_model_dir, f"learner.share_prompt={share}", "learner.micro_batch_size=9",
+                           "algorithm.old_logprobs=rollout", *extra)
+        seen = []
+        emb = learner.model.get_input_embeddings()
+        emb.register_forward_hook(lambda m, a, o, seen=seen: seen.append(a[0].numel()))
+        lp = learner.compute_logprobs(batch)
+        learner.optimizer.step = lambda: None
+        m = learner.train_step(batch)
+        grad = torch.cat([p.grad.flatten() for p in learner.model.parameters() if p.grad is not None])
+        results[share] = (lp, m["actor/entropy"], grad, sum(seen))
+    (lp0, ent0, g0, n0), (lp1, ent1, g1, n1) = results[False], results[True]
+    mask = batch.response_mask_BT.bool()
+    assert torch.allclose(lp0[mask], lp1[mask], atol=1e-5)
+    assert ent0 == pytest.approx(ent1, rel=1e-5)
+    assert g0.abs().sum() > 0 and torch.allclose(g0, g1, atol=1e-6, rtol=1e-4)
+    # 3 prompts x 3 samples: the shared path embeds each prompt once instead of three times
+    P, T = batch.prompt_width, batch.response_mask_BT.shape[1]
+    assert n1 < n0 and n0 == 2 * 9 * (P + T)
+
+
+def test_micro_batches_keep_groups_together(tiny_model_dir):
+    _, comps, batch = _rollout(tiny_model_dir, n=2)
+    learner = _learner(tiny_model_dir, "learner.micro_batch_size=2")
+    mbs = learner._micro_batches(batch, range(len(batch)))
+    for mb in mbs:
+        prompts = {tuple(comps[i].prompt_ids) for i in mb}
+        assert len(prompts) == 1, mbs

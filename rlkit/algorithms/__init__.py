@@ -33,6 +33,11 @@ from rlkit.algorithms.aggregation import aggregate, masked_mean, masked_sum
 from rlkit.algorithms.losses import GSPOParams, PPOClipParams, gspo_loss, ppo_clip_loss
 from rlkit.algorithms.kl import kl_penalty
 from rlkit.algorithms.filters import dynamic_sampling_keep_B, overlong_filter_mask
+from rlkit.algorithms.spae import SPAEParams, find_step_boundaries, spae_advantage, step_potential
+from rlkit.algorithms.prefix_tree import PrefixTree, TEMPOParams, build_prefix_tree, tempo_advantage
+from rlkit.algorithms.hapo import EntropyStats, HAPOAdvantageParams, HAPOLossParams, compute_entropy_h, hapo_loss, hapo_sampling_stats, hapo_token_mean_advantage
+from rlkit.algorithms.brpo import BRPOParams, BudgetPrior, brpo_advantage  # noqa: F401  (registers "brpo")
+from rlkit.algorithms.dmmpt import LOSS_MASKS, DMMPTParams, apply_loss_masks, mask_mastered_positive  # noqa: F401
 
 __all__ = [
     "ADVANTAGES",
@@ -68,4 +73,22 @@ __all__ = [
     "register_kl_estimator",
     "register_policy_loss",
     "rloo_advantage",
+    # TEMPO / P2T (spec §1)
+    "PrefixTree",
+    "TEMPOParams",
+    "build_prefix_tree",
+    "tempo_advantage",
+    # HAPO (spec §3)
+    "EntropyStats",
+    "HAPOAdvantageParams",
+    "HAPOLossParams",
+    "compute_entropy_h",
+    "hapo_loss",
+    "hapo_sampling_stats",
+    "hapo_token_mean_advantage",
+    # SPAE (spec §2)
+    "SPAEParams",
+    "find_step_boundaries",
+    "spae_advantage",
+    "step_potential",
 ]

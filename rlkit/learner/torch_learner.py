@@ -17,6 +17,7 @@ from torch import Tensor
 from rlkit.algorithms import POLICY_LOSSES, PolicyLossInputs, aggregate, kl_penalty
 from rlkit.batch import TrainBatch, pad_to
 from rlkit.config import AlgorithmConfig, LearnerConfig, ModelConfig, TrainConfig
+from rollout.sampling import unique_rows
 
 
 def lr_lambda(step: int, *, warmup: int, total: int, schedule: str) -> float:
@@ -29,18 +30,53 @@ def lr_lambda(step: int, *, warmup: int, total: int, schedule: str) -> float:
     return 1.0 - frac if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
+def prompt_groups(mb: TrainBatch) -> tuple[Tensor, Tensor]:
+    """Rows of ``mb`` that share an identical (left-padded) prompt.
+
+    Returns ``(first_U, inverse_B)``: the index of one representative row per distinct prompt and,
+    for every row, which distinct prompt it has (``first_U[inverse_B]`` has row ``b``'s prompt).
+    """
+    P = mb.prompt_width
+    return unique_rows(mb.input_ids_BS[:, :P], mb.attention_mask_BS[:, :P])
+
+
+def _response_logits(model: torch.nn.Module, mb: TrainBatch, share_prompt: bool) -> Tensor:
+    """Logits [B, T, V] predicting each response token (position t predicts token t).
+
+    With ``share_prompt``, rows with the same prompt (a GRPO group) run that prompt forward once;
+    its KV cache (with grad) is expanded to the rows and the responses run on top of it. This is
+    exact: the same attention over the same keys and values, with gradients from every response
+    flowing back through the shared prompt activations.
+    """
+    ids, attn = mb.input_ids_BS, mb.attention_mask_BS
+    P = mb.prompt_width
+    T = ids.shape[1] - P
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    first_U, inverse_B = prompt_groups(mb) if share_prompt and P > 0 else (None, None)
+    if first_U is None or len(first_U) == len(inverse_B):
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1, use_cache=False)
+        return out.logits[:, -(T + 1) : -1]
+    head = model(input_ids=ids[first_U, :P], attention_mask=attn[first_U, :P], position_ids=pos[first_U, :P],
+                 use_cache=True, logits_to_keep=1)
+    first_BV = head.logits[inverse_B, -1]
+    if T == 1:
+        return first_BV[:, None]
+    cache = head.past_key_values
+    cache.batch_select_indices(inverse_B)  # U -> B rows; indexing keeps the autograd graph
+    tail = model(input_ids=ids[:, P:-1], attention_mask=attn[:, :-1], position_ids=pos[:, P:-1],
+                 past_key_values=cache, use_cache=True)
+    return torch.cat([first_BV[:, None], tail.logits], dim=1)
+
+
 def response_logprobs(
-    model: torch.nn.Module, mb: TrainBatch, *, with_entropy: bool
+    model: torch.nn.Module, mb: TrainBatch, *, with_entropy: bool, share_prompt: bool = False
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs (and entropy) of the response tokens under ``model``; one forward pass.
 
     Returns ``logprobs_BT`` (with grad if enabled) and ``entropy_BT`` (detached) for ``mb``'s T.
+    ``share_prompt`` runs each distinct prompt once (see :func:`_response_logits`).
     """
-    ids, attn = mb.input_ids_BS, mb.attention_mask_BS
-    T = ids.shape[1] - mb.prompt_width
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1, use_cache=False)
-    logits = out.logits[:, -(T + 1) : -1].float()  # position t predicts response token t
+    logits = _response_logits(model, mb, share_prompt).float()
     if mb.temperature and mb.temperature != 1.0:
         logits = logits / mb.temperature
     logz = torch.logsumexp(logits, dim=-1)
@@ -98,6 +134,9 @@ class TorchLearner:
         )
         self.loss_entry = POLICY_LOSSES.get(algo_cfg.policy_loss)
         self.loss_params = POLICY_LOSSES.build_params(algo_cfg.policy_loss, algo_cfg.loss_params)
+        # a prompt KV cache cannot be built under gradient checkpointing (HF drops use_cache)
+        self.share_prompt = learner_cfg.share_prompt and not model_cfg.gradient_checkpointing
+        self._collect_entropy, self._entropies = False, []  # per-token entropies of the last step
         self.num_params = sum(p.numel() for p in self.model.parameters())
         self.num_trainable = sum(p.numel() for p in params)
 
@@ -111,19 +150,30 @@ class TorchLearner:
             mb = batch.select(idx)
             if reference and self.lora:
                 with self.model.disable_adapter():
-                    lp, _ = response_logprobs(self.model, mb, with_entropy=False)
+                    lp, _ = response_logprobs(self.model, mb, with_entropy=False, share_prompt=self.share_prompt)
             else:
                 model = self.ref_model if reference else self.model
-                lp, _ = response_logprobs(model, mb, with_entropy=False)
+                lp, _ = response_logprobs(model, mb, with_entropy=False, share_prompt=self.share_prompt)
             out[idx] = pad_to(lp, T)
         return out * batch.response_mask_BT
 
     # ------------------------------------------------------------------ update
     def _micro_batches(self, batch: TrainBatch, rows) -> list[list[int]]:
-        """Split rows into micro-batches of similar length (less padding; results unchanged)."""
+        """Split rows into micro-batches of similar length (less padding; results unchanged).
+
+        Rows sharing a prompt stay together (longest groups first), so with ``share_prompt`` a
+        micro-batch holds whole groups and runs each prompt once.
+        """
         rows = list(rows)
+        if not rows:
+            return []
         lens = batch.attention_mask_BS[rows].sum(1).tolist()
-        order = [r for _, r in sorted(zip(lens, rows), key=lambda x: -x[0])]
+        _, inv = prompt_groups(batch.select(rows)) if self.share_prompt else (None, torch.arange(len(rows)))
+        inv = inv.tolist()
+        group_len: dict[int, int] = {}
+        for g, n in zip(inv, lens):
+            group_len[g] = max(group_len.get(g, 0), n)
+        order = [r for *_, r in sorted(zip((-group_len[g] for g in inv), inv, (-n for n in lens), rows))]
         n = self.cfg.micro_batch_size
         return [order[i : i + n] for i in range(0, len(order), n)]
 
@@ -144,7 +194,9 @@ class TorchLearner:
         sums: dict[str, float] = {}
         n_updates = 0
         gen = torch.Generator().manual_seed(int(self.scheduler.last_epoch))
+        self._entropies = []
         for _epoch in range(self.train_cfg.ppo_epochs):
+            self._collect_entropy = _epoch == 0
             perm = torch.randperm(B, generator=gen).tolist() if self.train_cfg.mini_batches > 1 else list(range(B))
             size = B // self.train_cfg.mini_batches
             for m in range(self.train_cfg.mini_batches):
@@ -169,7 +221,7 @@ class TorchLearner:
         acc: dict[str, float] = {}
         for idx in self._micro_batches(batch, rows):
             mb = batch.select(idx)
-            lp, ent = response_logprobs(self.model, mb, with_entropy=True)
+            lp, ent = response_logprobs(self.model, mb, with_entropy=True, share_prompt=self.share_prompt)
             mask = mb.response_mask_BT
             old = lp.detach() if on_policy else mb.old_logprobs_BT
             inp = PolicyLossInputs(
@@ -186,6 +238,8 @@ class TorchLearner:
                 loss = loss + algo.kl.beta * kl
                 acc["actor/kl"] = acc.get("actor/kl", 0.0) + float((kl_BT.detach() * mask).sum()) / num_tokens
             loss.backward()
+            if self._collect_entropy:
+                self._entropies.append(ent[mask > 0].detach())
             acc["actor/pg_loss"] = acc.get("actor/pg_loss", 0.0) + float(pg.detach())
             acc["actor/entropy"] = acc.get("actor/entropy", 0.0) + float((ent * mask).sum()) / num_tokens
             for k, v in lm.items():
@@ -198,6 +252,19 @@ class TorchLearner:
             acc["actor/skipped_nonfinite"] = 1.0
         acc["actor/grad_norm"] = float(gn)
         return acc
+
+    def entropy_stats(self, pivot: float, replicate_release_sign: bool = False) -> list[float] | None:
+        """HAPO sampling statistics (spec §3.1) of the last train step's per-token policy entropies.
+
+        The entropies come from the first epoch's forward passes (no extra pass); ``None`` if none.
+        """
+        from rlkit.algorithms.hapo import hapo_sampling_stats
+
+        ents = getattr(self, "_entropies", [])
+        if not ents:
+            return None
+        stats = hapo_sampling_stats(torch.cat(ents), pivot=pivot, replicate_release_sign=replicate_release_sign)
+        return None if stats is None else [float(x) for x in stats]
 
     # ------------------------------------------------------------------ sync / checkpoint
     def state_for_sync(self) -> dict[str, Tensor]:

@@ -104,6 +104,9 @@ class LearnerWorker:
     def train_step(self, batch):
         return self.learner.train_step(batch)
 
+    def entropy_stats(self, pivot: float, replicate_release_sign: bool = False):
+        return self.learner.entropy_stats(pivot, replicate_release_sign)
+
     def state_for_sync(self):
         """Weights as numpy arrays: Ray stores them as out-of-band buffers and engines on the same
         node read them without a pickle copy (measured: see the foundation issue note)."""

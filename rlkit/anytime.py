@@ -1,0 +1,255 @@
+"""AnytimeReasoner rollouts (spec §6b): summaries of truncated thinking, sampled through the engines.
+
+Flow of one BRPO step (the math is in :mod:`rlkit.algorithms.brpo`)::
+
+    think = thinking_params(base_params, ap)                   # stop at </think>, max b_max tokens
+    thinking = generate(engines, [RolloutRequest(q, think, group_id=g) ...])
+    summaries = sample_summaries(engines, thinking, ap, tokenizer=tok, seed=step_seed)   # ONE call
+    correct = verifier([s.completion.text for s in summaries], ...)   # per summary, 0/1
+    rows = brpo_rows(thinking, group_ids, summaries, correct, ap, think_end=...)
+    batch = build_batch(rows.prompts, rows.responses, pad_id=..., rollout_logprobs=rows.logprobs)
+    AdvantageInputs(rows.rewards_B, rows.group_ids_B, batch.response_mask_BT, extras=rows.extras)
+
+Engines are ``RolloutEngine`` objects or Ray actor handles of them (as in
+:func:`rlkit.experience.generate`); every summary of the batch goes out in one ``generate`` call
+per engine. A summary scores 1 when the verifier accepts it and the whole trace has exactly one
+think-end marker (the summary itself must not emit another one); summaries of a thinking that
+ended with EOS are not sampled and score 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from rlkit.algorithms.brpo import BudgetPrior, SummaryPrompt, budget_rewards, plan_summary_prompts
+from rollout.engine import Completion, RolloutRequest, SamplingParams
+
+__all__ = ["AnytimeParams", "BRPORows", "SummarySample", "brpo_rows", "generate_once", "sample_summaries",
+           "summary_scores", "thinking_params", "thinking_status"]
+
+
+@dataclass(frozen=True)
+class AnytimeParams:
+    """AnytimeReasoner rollout settings (proposed config block ``algorithm.anytime``).
+
+    Attributes:
+        b_max, n_support, budget_probs: the budget prior (spec §6b; paper 8000, 4, linear/uniform).
+        n_summary: summaries ``A`` per budget (paper 4; 1 is the GRPO baseline).
+        summary_max_new_tokens: summary length cap (paper 128 - 10).
+        think_end: marker closing the thinking (stop string of the thinking rollout).
+        truncation_text: inserted after a cut thinking (it closes the thinking).
+        answer_delimiter: inserted before every summary.
+    """
+
+    b_max: int = 8000
+    n_support: int = 4
+    budget_probs: Literal["uniform", "linear", "base"] = "uniform"
+    n_summary: int = 4
+    summary_max_new_tokens: int = 118
+    think_end: str = "</think>"
+    truncation_text: str = "...\n\n...\n\n</think>"
+    answer_delimiter: str = "\n\n**Final Answer**\n"
+
+    def __post_init__(self) -> None:
+        if self.n_summary < 1 or self.summary_max_new_tokens < 1:
+            raise ValueError("anytime.n_summary and anytime.summary_max_new_tokens must be >= 1")
+        if not self.think_end:
+            raise ValueError("anytime.think_end must be a non-empty string")
+
+    @property
+    def prior(self) -> BudgetPrior:
+        return BudgetPrior(self.b_max, self.n_support, self.budget_probs)
+
+
+def thinking_params(base: SamplingParams, ap: AnytimeParams) -> SamplingParams:
+    """Sampling params of the thinking rollout: at most ``b_max`` tokens, stop at ``think_end``."""
+    stop = base.stop if ap.think_end in base.stop else (*base.stop, ap.think_end)
+    return dataclasses.replace(base, max_new_tokens=ap.b_max, stop=stop)
+
+
+def thinking_status(c: Completion, think_end: str, eos_ids: Sequence[int]) -> tuple[bool, bool]:
+    """``(closed, eos_ended)`` of a thinking completion: ended with ``think_end``, or with EOS."""
+    closed = c.finish_reason == "stop" and c.text.rstrip().endswith(think_end)
+    eos_ended = (not closed and c.finish_reason == "stop" and bool(c.token_ids)
+                 and c.token_ids[-1] in set(eos_ids))
+    return closed, eos_ended
+
+
+@dataclass
+class SummarySample:
+    """One sampled summary: of thinking ``parent``, prompt ``prompt_index``, budget ``budget_index``."""
+
+    parent: int
+    prompt_index: int
+    budget_index: int
+    prompt_ids: list[int]
+    completion: Completion
+
+
+def _seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def generate_once(engines: Sequence[Any], requests: list[RolloutRequest]) -> list[Completion]:
+    """One ``generate`` call per engine (round-robin shards), completions in request order.
+
+    Ray actor handles go through :func:`rlkit.experience.generate`; plain engines are called here.
+    """
+    if not engines:
+        raise ValueError("generate_once needs at least one engine")
+    if not requests:
+        return []
+    if hasattr(getattr(engines[0], "generate", None), "remote"):
+        from rlkit.experience import generate
+
+        return generate(list(engines), requests)[0]
+    E = len(engines)
+    per_req: list[list[Completion]] = [[] for _ in requests]
+    for k, engine in enumerate(engines):
+        idxs = list(range(k, len(requests), E))
+        if not idxs:
+            continue
+        comps = engine.generate([requests[i] for i in idxs])
+        off = 0
+        for i in idxs:
+            per_req[i] = comps[off : off + requests[i].params.n]
+            off += requests[i].params.n
+        if off != len(comps):
+            raise RuntimeError(f"engine {k} returned {len(comps)} completions, expected {off}")
+    return [c for cs in per_req for c in cs]
+
+
+def sample_summaries(
+    engines: Sequence[Any],
+    thinking: Sequence[Completion],
+    ap: AnytimeParams,
+    *,
+    tokenizer: Any,
+    eos_ids: Sequence[int] | None = None,
+    summary_params: SamplingParams | None = None,
+    seed: int = 0,
+) -> tuple[list[SummarySample], list[list[SummaryPrompt]]]:
+    """Sample ``n_summary`` summaries per budget for every thinking, in one engine call.
+
+    Args:
+        engines: ``RolloutEngine`` objects or Ray handles.
+        thinking: thinking completions (``prompt_ids`` = question).
+        ap: :class:`AnytimeParams`.
+        tokenizer: encodes the inserted texts (``add_special_tokens=False``).
+        eos_ids: EOS ids (default ``tokenizer.eos_token_id``).
+        summary_params: temperature/top-p of the summaries (default: T=1); ``n``,
+            ``max_new_tokens`` and ``seed`` are set here.
+        seed: base seed; each summary prompt gets ``hash(seed, parent, prompt)``.
+
+    Returns:
+        (samples ordered by parent, budget, sample; the per-thinking prompt plans).
+    """
+    budgets = ap.prior.budgets
+    trunc = tokenizer.encode(ap.truncation_text, add_special_tokens=False)
+    answer = tokenizer.encode(ap.answer_delimiter, add_special_tokens=False)
+    if eos_ids is None:
+        eos = tokenizer.eos_token_id
+        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    base = summary_params or SamplingParams(temperature=1.0)
+    plans: list[list[SummaryPrompt]] = []
+    requests: list[RolloutRequest] = []
+    keys: list[tuple[int, int]] = []
+    for n, c in enumerate(thinking):
+        closed, eos_ended = thinking_status(c, ap.think_end, eos_ids)
+        plan = plan_summary_prompts(c.prompt_ids, c.token_ids, budgets, closed=closed,
+                                    truncation_ids=trunc, answer_ids=answer, eos_ended=eos_ended)
+        plans.append(plan)
+        for k, sp in enumerate(plan):
+            if sp.dead:
+                continue
+            params = dataclasses.replace(base, n=ap.n_summary * len(sp.budget_indices),
+                                         max_new_tokens=ap.summary_max_new_tokens, seed=_seed(seed, n, k))
+            requests.append(RolloutRequest(sp.prompt_ids, params, group_id=n, meta={"parent": n, "prompt": k}))
+            keys.append((n, k))
+    comps = generate_once(engines, requests)
+    samples: list[SummarySample] = []
+    off = 0
+    for (n, k), req in zip(keys, requests):
+        sp = plans[n][k]
+        for a in range(req.params.n):  # chunk a // A serves budget sp.budget_indices[a // A]
+            j = sp.budget_indices[a // ap.n_summary]
+            samples.append(SummarySample(n, k, j, sp.prompt_ids, comps[off + a]))
+        off += req.params.n
+    samples.sort(key=lambda s: (s.parent, s.budget_index))  # stable: sample order kept
+    return samples, plans
+
+
+def summary_scores(samples: Sequence[SummarySample], correct: Sequence[float], think_end: str) -> list[float]:
+    """Score 1 iff the verifier accepted the summary (``correct >= 1``) and the summary emits no
+    further ``think_end`` (the trace has exactly one), else 0."""
+    if len(samples) != len(correct):
+        raise ValueError(f"{len(samples)} summaries but {len(correct)} verifier results")
+    return [float(c is not None and c >= 1.0 and think_end not in s.completion.text)
+            for s, c in zip(samples, correct)]
+
+
+@dataclass
+class BRPORows:
+    """Training rows of a BRPO step: N thinking rows then M summary rows (see ``EXTRAS_DOC``)."""
+
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    logprobs: list[list[float]]
+    rewards_B: torch.Tensor
+    group_ids_B: torch.Tensor
+    extras: dict[str, Any]
+    rbar_NS: torch.Tensor
+
+
+def brpo_rows(
+    thinking: Sequence[Completion],
+    group_ids: Sequence[int],
+    samples: Sequence[SummarySample],
+    scores: Sequence[float],
+    ap: AnytimeParams,
+) -> BRPORows:
+    """Batch rows and ``AdvantageInputs.extras`` for the ``brpo`` advantage.
+
+    Thinking rows carry ``J = sum_j p_j r̄_j`` as reward (for logging; the advantage reads
+    ``r̄``); summary rows carry their score.
+    """
+    N, M = len(thinking), len(samples)
+    if len(group_ids) != N or len(scores) != M:
+        raise ValueError("brpo_rows: group_ids must match thinking and scores must match samples")
+    prior = ap.prior
+    S = prior.n_support
+    scores_M = torch.tensor(list(scores), dtype=torch.float64)
+    parent_M = torch.tensor([s.parent for s in samples], dtype=torch.long)
+    budget_M = torch.tensor([s.budget_index for s in samples], dtype=torch.long)
+    rbar_NS = budget_rewards(scores_M, parent_M, budget_M, N, S)
+    probs_S = prior.probs_S
+    B = N + M
+    rbar_BS = torch.zeros(B, S, dtype=torch.float64)
+    rbar_BS[:N] = rbar_NS
+    neg = [-1] * N
+    extras: dict[str, Any] = {
+        "brpo_kind_B": torch.tensor([0] * N + [1] * M, dtype=torch.long),
+        "brpo_budget_rewards_BS": rbar_BS,
+        "brpo_budgets_S": torch.tensor(prior.budgets, dtype=torch.long),
+        "brpo_probs_S": probs_S,
+        "brpo_parent_B": torch.tensor(neg + [s.parent for s in samples], dtype=torch.long),
+        "brpo_prompt_B": torch.tensor(neg + [s.prompt_index for s in samples], dtype=torch.long),
+        "brpo_budget_index_B": torch.tensor(neg + [s.budget_index for s in samples], dtype=torch.long),
+    }
+    rewards_B = torch.cat([(rbar_NS * probs_S).sum(-1), scores_M]).float()
+    gids = list(group_ids) + [group_ids[s.parent] for s in samples]
+    return BRPORows(
+        prompts=[list(c.prompt_ids) for c in thinking] + [list(s.prompt_ids) for s in samples],
+        responses=[list(c.token_ids) for c in thinking] + [list(s.completion.token_ids) for s in samples],
+        logprobs=[list(c.logprobs) for c in thinking] + [list(s.completion.logprobs) for s in samples],
+        rewards_B=rewards_B,
+        group_ids_B=torch.tensor(gids, dtype=torch.long),
+        extras=extras,
+        rbar_NS=rbar_NS,
+    )

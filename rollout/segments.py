@@ -1,0 +1,611 @@
+"""Segment rollout (UloRL, spec §5.1-5.2): decode at most ``seg_len`` tokens per step, carry the rest.
+
+Long-tailed response lengths leave rollout hardware idle while the slowest sample of a batch
+finishes. The :class:`SegmentScheduler` bounds every generation *round* to ``seg_len`` new tokens
+per sample; samples that neither stopped nor reached ``global_max_len`` wait in the *unfinished
+pool* and resume from their full prefix (``RolloutRequest.resume_ids``) in the next round, under
+whatever policy version the engines then hold::
+
+    each round:  rollout(unfinished pool ∪ new prompts, max_new_tokens <= seg_len)
+      stop (EOS / stop string)          -> experience pool
+      total length == global_max_len    -> experience pool, truncated (reward: truncated_reward)
+      otherwise                         -> unfinished pool
+    each step:   rounds until train_groups groups (x G samples) are ready, hand them out FIFO
+
+Engine-agnostic: it drives any list of ``RolloutEngine``s (requests are sharded by row count and
+the engines called in turn) or one ``generate(requests) -> completions`` callable (e.g. a Ray
+fan-out). Every segment records the policy version the engine reported and its behaviour
+log-probs, so both importance-sampling modes of §5.2 can be built (:func:`old_logprobs_BT`).
+:meth:`SegmentScheduler.state_dict` is plain JSON, so the pools go into checkpoints: a restored
+scheduler neither loses nor repeats a sample, and (with the same weights) samples the same tokens,
+since every request seed derives from (seed, round, sample id).
+
+Choices the paper leaves open [INFERRED, exposed as :class:`SegmentConfig` fields]:
+- ``group_mode="complete"`` (default): a prompt group enters training only when all G samples
+  have finished, so GRPO statistics see the whole group. ``"siblings"``: a finished sample trains
+  at once; its group statistics use the siblings finished so far (``SegmentBatch.context`` holds
+  the rewards of those already trained, recorded with :meth:`SegmentScheduler.record_rewards`).
+- Top-up (``topup``): a step runs rounds until ``train_groups`` groups (``x G`` samples) are
+  ready, so every update has the same size. ``"constant"`` (default, Algorithm 1's fixed batch
+  of new prompts) adds ``train_groups`` new groups per round: arrivals match consumption, so in
+  steady state a step takes one round and groups that finish beyond ``train_groups`` wait, FIFO,
+  for the next step (a step finding enough ready groups runs no round at all). ``"deficit"``
+  adds only ``train_groups - ready`` (siblings: ``ceil((train_groups*G - ready_samples) / G)``):
+  less waiting, but the in-flight pool stays too small to fill a step in one round when groups
+  need several segments (measured in ``bench/segments.py``). Both are capped by
+  ``max_inflight_groups`` (default ``train_groups * max_segments``). A step needs at most
+  ``max_segments`` rounds in complete mode (after the top-up, ready + in-flight groups cover
+  ``train_groups`` and every sample in flight finishes within that many rounds), at most
+  ``2 * max_segments + 1`` in siblings mode.
+- Groups that became ready beyond ``train_groups`` wait (FIFO) for the next step.
+
+This module must not import ``rlkit`` (engines are usable on their own).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+
+from rollout.engine import Completion, RolloutEngine, RolloutRequest, SamplingParams
+
+GenerateFn = Callable[[list[RolloutRequest]], list[Completion]]
+PromptSource = Callable[[int], list[tuple[list[int], Any]]]
+STATE_FORMAT = 1
+
+
+def _seed(*parts: Any) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Segment-rollout knobs (spec §5.1; UloRL: 128K global, 8 segments x 16K).
+
+    Attributes:
+        seg_len: max new tokens a sample gets per round.
+        global_max_len: max response length; reaching it finishes the sample as truncated.
+        group_size: G, samples per prompt.
+        train_groups: prompt groups per update (``train_batch_size``); ``train_groups * G``
+            finished samples per step.
+        group_mode: ``"complete"`` or ``"siblings"`` (see module docstring).
+        truncated_reward: reward of a truncated sample (spec §5.4: 0); ``None`` keeps the
+            verifier's reward. Applied by :func:`apply_truncated_reward`.
+        topup: ``"constant"`` or ``"deficit"`` new groups per round (see module docstring).
+        max_inflight_groups: cap on unfinished groups; ``None`` = ``train_groups * max_segments``.
+        max_rounds_per_step: stop a step after this many rounds even if fewer groups are ready
+            (0 = until ready; always <= ``max_segments`` rounds then).
+        seed: base of every request seed.
+    """
+
+    seg_len: int
+    global_max_len: int
+    group_size: int
+    train_groups: int
+    group_mode: Literal["complete", "siblings"] = "complete"
+    truncated_reward: float | None = 0.0
+    topup: Literal["constant", "deficit"] = "constant"
+    max_inflight_groups: int | None = None
+    max_rounds_per_step: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("seg_len", "global_max_len", "group_size", "train_groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SegmentConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_mode not in ("complete", "siblings"):
+            raise ValueError(f"group_mode must be 'complete' or 'siblings', got {self.group_mode!r}")
+        if self.topup not in ("constant", "deficit"):
+            raise ValueError(f"topup must be 'constant' or 'deficit', got {self.topup!r}")
+        if self.max_inflight_groups is not None and self.max_inflight_groups < self.train_groups:
+            raise ValueError(f"max_inflight_groups ({self.max_inflight_groups}) must be >= train_groups "
+                             f"({self.train_groups}), else a step may never fill")
+        if self.max_rounds_per_step < 0:
+            raise ValueError("max_rounds_per_step must be >= 0")
+
+    @property
+    def max_segments(self) -> int:
+        """Rounds after which any sample is finished: ``ceil(global_max_len / seg_len)``."""
+        return math.ceil(self.global_max_len / self.seg_len)
+
+    @property
+    def inflight_cap(self) -> int:
+        return self.max_inflight_groups or self.train_groups * self.max_segments
+
+
+@dataclass
+class SegmentSample:
+    """One response, possibly spanning several segments (each from one policy version).
+
+    ``token_ids``, ``logprobs`` (behaviour, per token) and ``entropies`` are the concatenation of
+    the segments; ``seg_lens[k]``/``seg_versions[k]``/``seg_texts[k]`` describe segment k.
+    ``status``: ``"running"`` | ``"stop"`` | ``"truncated"``.
+    """
+
+    uid: int
+    group_uid: int
+    sample_index: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    entropies: list[float] | None = None
+    seg_lens: list[int] = field(default_factory=list)
+    seg_versions: list[int] = field(default_factory=list)
+    seg_texts: list[str] = field(default_factory=list)
+    status: str = "running"
+    finished_round: int = -1
+    handed_out: bool = False
+    reward: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status != "running"
+
+    @property
+    def truncated(self) -> bool:
+        return self.status == "truncated"
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.seg_lens)
+
+    def token_versions(self) -> list[int]:
+        """Policy version that produced each token (len == len(token_ids))."""
+        return [v for n, v in zip(self.seg_lens, self.seg_versions) for _ in range(n)]
+
+    def segment_logprobs(self) -> list[list[float]]:
+        """Behaviour log-probs split by segment (SAIS denominators, spec §5.2)."""
+        out, start = [], 0
+        for n in self.seg_lens:
+            out.append(self.logprobs[start : start + n])
+            start += n
+        return out
+
+    def append(self, c: Completion, round_idx: int, max_len: int) -> None:
+        """Add one generated segment and update ``status``."""
+        if self.finished:
+            raise RuntimeError(f"sample {self.uid} is finished; it cannot take another segment")
+        if not c.token_ids:
+            raise RuntimeError(f"engine returned no token for sample {self.uid} (finish_reason "
+                               f"{c.finish_reason!r}); a segment must make progress")
+        if len(c.logprobs) != len(c.token_ids):
+            raise ValueError(f"sample {self.uid}: {len(c.logprobs)} logprobs for {len(c.token_ids)} tokens")
+        # entropies are kept only while every segment came with them
+        first = not self.token_ids
+        if c.entropies is None or (self.entropies is None and not first):
+            self.entropies = None
+        else:
+            self.entropies = (self.entropies or []) + [float(x) for x in c.entropies]
+        self.token_ids += list(c.token_ids)
+        self.logprobs += [float(x) for x in c.logprobs]
+        self.seg_lens.append(len(c.token_ids))
+        self.seg_versions.append(int(c.policy_version))
+        self.seg_texts.append(c.text)
+        if len(self.token_ids) > max_len:
+            raise RuntimeError(f"sample {self.uid} has {len(self.token_ids)} tokens > global_max_len {max_len}")
+        if c.finish_reason == "stop":
+            self.status, self.finished_round = "stop", round_idx
+        elif len(self.token_ids) == max_len:
+            self.status, self.finished_round = "truncated", round_idx
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _SAMPLE_FIELDS}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SegmentSample:
+        return cls(**{k: d[k] for k in _SAMPLE_FIELDS})
+
+
+_SAMPLE_FIELDS = ("uid", "group_uid", "sample_index", "token_ids", "logprobs", "entropies", "seg_lens",
+                  "seg_versions", "seg_texts", "status", "finished_round", "handed_out", "reward")
+
+
+@dataclass
+class SegmentGroup:
+    """The G samples of one prompt. ``payload`` is the caller's (JSON-serialisable) row handle."""
+
+    group_uid: int
+    prompt_ids: list[int]
+    payload: Any
+    samples: list[SegmentSample]
+    created_round: int
+
+    @property
+    def complete(self) -> bool:
+        return all(s.finished for s in self.samples)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"group_uid": self.group_uid, "prompt_ids": self.prompt_ids, "payload": self.payload,
+                "created_round": self.created_round, "samples": [s.to_dict() for s in self.samples]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SegmentGroup:
+        return cls(d["group_uid"], list(d["prompt_ids"]), d["payload"],
+                   [SegmentSample.from_dict(s) for s in d["samples"]], d["created_round"])
+
+
+@dataclass
+class SegmentBatch:
+    """What one step hands to training.
+
+    Attributes:
+        samples: finished samples to train on, grouped by prompt group (group order = FIFO).
+        groups: their groups (complete mode: every sample of each group is in ``samples``).
+        context: siblings mode only: ``(group_uid, reward)`` of siblings trained in earlier steps,
+            to include in the group statistics (not in the loss).
+        metrics: ``segments/*`` scalars of this step.
+    """
+
+    samples: list[SegmentSample]
+    groups: list[SegmentGroup]
+    context: list[tuple[int, float]]
+    metrics: dict[str, float]
+
+    def completions(self, decode: Callable[[list[int]], str] | None = None) -> list[Completion]:
+        """One :class:`Completion` per sample (full token/logprob lists), ``samples`` order.
+
+        ``finish_reason`` is ``"stop"`` or ``"length"`` (truncated at ``global_max_len``);
+        ``policy_version`` is the version of the last segment; ``meta`` carries ``sample_index``,
+        ``segment_uid``, ``segment_lengths``, ``segment_versions``. ``text`` is
+        ``decode(token_ids)`` if given, else the segment texts joined.
+        """
+        by_gid = {g.group_uid: g for g in self.groups}
+        return [to_completion(s, by_gid[s.group_uid].prompt_ids, decode) for s in self.samples]
+
+
+def to_completion(s: SegmentSample, prompt_ids: list[int],
+                  decode: Callable[[list[int]], str] | None = None) -> Completion:
+    """A finished :class:`SegmentSample` as an engine-style :class:`Completion`."""
+    return Completion(
+        prompt_ids=list(prompt_ids), token_ids=list(s.token_ids), logprobs=list(s.logprobs),
+        finish_reason="length" if s.truncated else "stop", group_id=s.group_uid,
+        entropies=None if s.entropies is None else list(s.entropies),
+        text=decode(s.token_ids) if decode else "".join(s.seg_texts),
+        policy_version=s.seg_versions[-1] if s.seg_versions else 0,
+        meta={"sample_index": s.sample_index, "segment_uid": s.uid, "segment_lengths": list(s.seg_lens),
+              "segment_versions": list(s.seg_versions)},
+    )
+
+
+def shard_generate(engines: Sequence[RolloutEngine]) -> GenerateFn:
+    """``generate`` over several in-process engines: requests balanced by row count, order kept."""
+    if not engines:
+        raise ValueError("need at least one engine")
+
+    def generate(requests: list[RolloutRequest]) -> list[Completion]:
+        load = [0] * len(engines)
+        shards: list[list[int]] = [[] for _ in engines]
+        for i, r in enumerate(requests):
+            k = min(range(len(engines)), key=load.__getitem__)
+            shards[k].append(i)
+            load[k] += r.params.n
+        per_req: list[list[Completion]] = [[] for _ in requests]
+        for eng, idx in zip(engines, shards):
+            if not idx:
+                continue
+            comps = eng.generate([requests[i] for i in idx])
+            off = 0
+            for i in idx:
+                per_req[i] = comps[off : off + requests[i].params.n]
+                off += requests[i].params.n
+            if off != len(comps):
+                raise RuntimeError(f"engine returned {len(comps)} completions for {off} rows")
+        return [c for cs in per_req for c in cs]
+
+    return generate
+
+
+class SegmentScheduler:
+    """Segment rollout with an unfinished pool and an experience pool (spec §5.1).
+
+    Args:
+        engines: a ``RolloutEngine``, a list of them (called in turn, rows balanced) or a
+            ``generate(requests) -> completions`` callable (e.g. a Ray fan-out).
+        sampling: sampling template; ``n``, ``max_new_tokens`` and ``seed`` are set per request.
+        cfg: :class:`SegmentConfig`.
+        prompt_source: ``k -> [(prompt_ids, payload)] * k`` new prompts (e.g. from a data cursor;
+            keep its state in the same checkpoint as :meth:`state_dict`).
+
+    Use: ``batch = sched.step()`` -> score ``batch.completions()`` -> train -> sync weights
+    (engines report their ``policy_version``, which each new segment records).
+    """
+
+    def __init__(self, engines: Sequence[RolloutEngine] | GenerateFn, sampling: SamplingParams,
+                 cfg: SegmentConfig, prompt_source: PromptSource) -> None:
+        if hasattr(engines, "generate"):  # a single engine
+            engines = [engines]  # type: ignore[list-item]
+        if callable(engines):
+            self._generate: GenerateFn = engines
+        elif isinstance(engines, Sequence) and all(hasattr(e, "generate") for e in engines):
+            self._generate = shard_generate(list(engines))
+        else:
+            raise TypeError("engines must be a RolloutEngine, a list of them or a generate(requests) callable, "
+                            f"got {type(engines).__name__}")
+        self.sampling = sampling
+        self.cfg = cfg
+        self.prompt_source = prompt_source
+        self.groups: dict[int, SegmentGroup] = {}  # every group with a sample not yet handed out
+        self._ready: list[int] = []  # FIFO: group uids (complete mode) or sample uids (siblings)
+        self.round = 0
+        self.steps = 0
+        self._next_uid = 0
+        self._next_gid = 0
+        self.totals: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ pools
+    def unfinished_samples(self) -> list[SegmentSample]:
+        """The unfinished pool, in uid order."""
+        return [s for g in self.groups.values() for s in g.samples if not s.finished]
+
+    def experience_samples(self) -> list[SegmentSample]:
+        """Finished samples not yet handed to training."""
+        return [s for g in self.groups.values() for s in g.samples if s.finished and not s.handed_out]
+
+    def ready_queue(self) -> list[int]:
+        """FIFO of ready group uids (complete mode) or sample uids (siblings mode)."""
+        return list(self._ready)
+
+    def _inflight_groups(self) -> int:
+        return sum(1 for g in self.groups.values() if not g.complete)
+
+    def _ready_units(self) -> int:
+        """Ready groups (complete mode) or ready samples (siblings mode)."""
+        return len(self._ready)
+
+    def _target(self) -> int:
+        G = self.cfg.group_size
+        return self.cfg.train_groups * (G if self.cfg.group_mode == "siblings" else 1)
+
+    # ------------------------------------------------------------------ one round
+    def _new_groups_wanted(self) -> int:
+        if self.cfg.topup == "constant":
+            want = self.cfg.train_groups
+        else:
+            want = self._target() - self._ready_units()
+            if self.cfg.group_mode == "siblings":
+                want = math.ceil(want / self.cfg.group_size)
+        return max(0, min(want, self.cfg.inflight_cap - self._inflight_groups()))
+
+    def run_round(self) -> dict[str, float]:
+        """One generate call: resume every unfinished sample + top up new groups."""
+        cfg = self.cfg
+        self.round += 1
+        resumed = self.unfinished_samples()
+        k = self._new_groups_wanted()
+        new_groups = []
+        for prompt_ids, payload in (self.prompt_source(k) if k else []):
+            if not prompt_ids:
+                raise ValueError("prompt_source returned an empty prompt")
+            gid, self._next_gid = self._next_gid, self._next_gid + 1
+            samples = [SegmentSample(self._next_uid + j, gid, j) for j in range(cfg.group_size)]
+            self._next_uid += cfg.group_size
+            new_groups.append(SegmentGroup(gid, list(prompt_ids), payload, samples, self.round))
+        if not resumed and not new_groups:
+            raise RuntimeError("segment round with nothing to generate: prompt_source returned no "
+                               "prompt and the unfinished pool is empty")
+        for g in new_groups:
+            self.groups[g.group_uid] = g
+        reqs: list[RolloutRequest] = []
+        targets: list[list[SegmentSample]] = []
+        for s in resumed:
+            g = self.groups[s.group_uid]
+            params = replace(self.sampling, n=1, seed=_seed(cfg.seed, self.round, "s", s.uid),
+                             max_new_tokens=min(cfg.seg_len, cfg.global_max_len - len(s.token_ids)))
+            reqs.append(RolloutRequest(g.prompt_ids, params, group_id=g.group_uid,
+                                       resume_ids=list(s.token_ids), meta={"segment_uid": s.uid}))
+            targets.append([s])
+        for g in new_groups:
+            params = replace(self.sampling, n=cfg.group_size, seed=_seed(cfg.seed, self.round, "g", g.group_uid),
+                             max_new_tokens=min(cfg.seg_len, cfg.global_max_len))
+            reqs.append(RolloutRequest(g.prompt_ids, params, group_id=g.group_uid,
+                                       meta={"segment_uid": g.samples[0].uid}))
+            targets.append(g.samples)
+        t0 = time.perf_counter()
+        comps = self._generate(reqs)
+        gen_s = time.perf_counter() - t0
+        rows = [s for ss in targets for s in ss]
+        if len(comps) != len(rows):
+            raise RuntimeError(f"engines returned {len(comps)} completions for {len(rows)} rows")
+        finished = truncated = 0
+        for s, c in zip(rows, comps):
+            s.append(c, self.round, cfg.global_max_len)
+            if s.finished:
+                finished += 1
+                truncated += s.truncated
+                if cfg.group_mode == "siblings":
+                    self._ready.append(s.uid)
+        if cfg.group_mode == "complete":
+            touched = dict.fromkeys(s.group_uid for s in rows if s.finished_round == self.round)
+            self._ready += [gid for gid in touched if self.groups[gid].complete]
+        n_tok = sum(len(c.token_ids) for c in comps)
+        self.totals.update(rounds=1, new_groups=len(new_groups), finished=finished, truncated=truncated,
+                           tokens=n_tok)
+        return {"rounds": 1.0, "new_groups": float(len(new_groups)), "resumed_samples": float(len(resumed)),
+                "finished_samples": float(finished), "truncated_samples": float(truncated),
+                "tokens_generated": float(n_tok), "gen_time_s": gen_s,
+                "resume_prefix_tokens": float(sum(len(s.token_ids) - len(c.token_ids)
+                                                  for s, c in zip(rows, comps)))}
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> SegmentBatch:
+        """Rounds until ``train_groups`` groups (x G samples) are ready; hand them out FIFO.
+
+        With ``max_rounds_per_step`` set, the batch may be smaller (whatever was ready).
+        """
+        cfg = self.cfg
+        acc: Counter[str] = Counter()
+        while self._ready_units() < self._target():
+            if cfg.max_rounds_per_step and acc["rounds"] >= cfg.max_rounds_per_step:
+                break
+            # every group in flight is finished after max_segments rounds and the top-up then
+            # covers the rest, so a step needs at most 2 * max_segments + 1 rounds
+            if acc["rounds"] > 2 * cfg.max_segments + 1:
+                raise RuntimeError("segment step did not fill after 2 * max_segments + 1 rounds")
+            acc.update(self.run_round())
+        self.steps += 1
+        take, self._ready = self._ready[: self._target()], self._ready[self._target():]
+        if cfg.group_mode == "complete":
+            groups = [self.groups.pop(gid) for gid in take]
+            samples = [s for g in groups for s in g.samples]
+            context: list[tuple[int, float]] = []
+        else:
+            by_uid = {s.uid: s for g in self.groups.values() for s in g.samples}
+            samples = sorted((by_uid[u] for u in take), key=lambda s: (s.group_uid, s.sample_index))
+            gids = list(dict.fromkeys(s.group_uid for s in samples))
+            groups = [self.groups[gid] for gid in gids]
+            context = [(s.group_uid, s.reward) for g in groups for s in g.samples
+                       if s.handed_out and s.reward is not None]
+        for s in samples:
+            s.handed_out = True
+        if cfg.group_mode == "siblings":
+            for g in groups:
+                if all(s.handed_out for s in g.samples):
+                    del self.groups[g.group_uid]
+        self.totals.update(handed_out=len(samples))
+        metrics = {f"segments/{k}": float(v) for k, v in acc.items()}
+        metrics.update(self._pool_metrics(samples))
+        return SegmentBatch(samples, groups, context, metrics)
+
+    def record_rewards(self, samples: Sequence[SegmentSample], rewards: Sequence[float]) -> None:
+        """Siblings mode: remember trained samples' rewards for their later siblings' statistics."""
+        if len(samples) != len(rewards):
+            raise ValueError(f"{len(samples)} samples but {len(rewards)} rewards")
+        for s, r in zip(samples, rewards):
+            s.reward = float(r)
+            g = self.groups.get(s.group_uid)
+            if g is not None:  # the group is still in flight: update the stored copy
+                g.samples[s.sample_index].reward = float(r)
+
+    def _pool_metrics(self, trained: list[SegmentSample]) -> dict[str, float]:
+        unfinished = self.unfinished_samples()
+        m = {
+            "segments/unfinished_pool": float(len(unfinished)),
+            "segments/unfinished_groups": float(self._inflight_groups()),
+            "segments/experience_pool": float(len(self.experience_samples())),
+            "segments/ready_waiting": float(self._ready_units()),
+            "segments/trained_samples": float(len(trained)),
+        }
+        if trained:
+            counts = [s.num_segments for s in trained]
+            versions = [len(set(s.seg_versions)) for s in trained]
+            lags = [s.seg_versions[-1] - s.seg_versions[0] for s in trained]
+            m.update({
+                "segments/seg_count_mean": sum(counts) / len(counts),
+                "segments/seg_count_max": float(max(counts)),
+                "segments/versions_per_sample_mean": sum(versions) / len(versions),
+                "segments/version_lag_mean": sum(lags) / len(lags),
+                "segments/version_lag_max": float(max(lags)),
+                "segments/truncated_frac": sum(s.truncated for s in trained) / len(trained),
+            })
+            hist = Counter(counts)
+            for k in range(1, self.cfg.max_segments + 1):
+                m[f"segments/seg_count_frac_{k}"] = hist.get(k, 0) / len(trained)
+        return m
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-JSON state: both pools, FIFO order, counters (payloads must be JSON-able)."""
+        return {"format": STATE_FORMAT, "round": self.round, "steps": self.steps, "next_uid": self._next_uid,
+                "next_gid": self._next_gid, "ready": list(self._ready), "totals": dict(self.totals),
+                "groups": [g.to_dict() for g in self.groups.values()]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"unknown segment scheduler state format {state.get('format')!r}")
+        self.round, self.steps = int(state["round"]), int(state["steps"])
+        self._next_uid, self._next_gid = int(state["next_uid"]), int(state["next_gid"])
+        self._ready = [int(x) for x in state["ready"]]
+        self.totals = Counter({k: int(v) for k, v in state["totals"].items()})
+        self.groups = {}
+        for d in state["groups"]:
+            g = SegmentGroup.from_dict(d)
+            self.groups[g.group_uid] = g
+
+
+# ---------------------------------------------------------------------- importance sampling (§5.2)
+
+
+def pad_lists_BT(rows: Sequence[Sequence[float]], T: int | None = None, value: float = 0.0,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Right-padded [B, T] tensor of ragged rows (the TrainBatch response layout)."""
+    T = max([1, *map(len, rows)]) if T is None else T
+    out = torch.full((len(rows), T), value, dtype=dtype)
+    for i, r in enumerate(rows):
+        if len(r) > T:
+            raise ValueError(f"row {i} has {len(r)} tokens > T={T}")
+        if r:
+            out[i, : len(r)] = torch.tensor(list(r), dtype=dtype)
+    return out
+
+
+def old_logprobs_BT(samples: Sequence[SegmentSample], importance: Literal["pois", "sais"], *,
+                    T: int | None = None, recompute: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """Denominator log-probs ``old_logprobs_BT`` [B, T] of the PPO ratio for finished samples.
+
+    - ``"sais"`` (segment-aware): token j is divided by the behaviour policy of its own segment,
+      ``π_{θ_old^{f(j)}}``; these are the log-probs each engine recorded when it generated the
+      segment, concatenated (zeros on padding).
+    - ``"pois"`` (pseudo on-policy, UloRL's choice): every token uses the current pre-update
+      policy: ``recompute()`` must return the whole sequences' log-probs under it, i.e. the
+      learner's ``compute_logprobs(batch)`` before the update. With one update per step the
+      torch learner's ``old_logprobs="auto"`` shortcut (``old = logprobs.detach()``) is the same
+      thing, so the ratio starts at exactly 1 (spec §5.2).
+    """
+    if importance == "sais":
+        return pad_lists_BT([s.logprobs for s in samples], T)
+    if importance == "pois":
+        if recompute is None:
+            raise ValueError("POIS recomputes old log-probs with the current policy: pass recompute=")
+        out = recompute()
+        want = (len(samples), T if T is not None else max([1, *(len(s.token_ids) for s in samples)]))
+        if tuple(out.shape) != want:
+            raise ValueError(f"recompute() returned shape {tuple(out.shape)}, expected {want}")
+        return out
+    raise ValueError(f"importance must be 'pois' or 'sais', got {importance!r}")
+
+
+def learner_old_logprobs_mode(importance: Literal["pois", "sais"], updates_per_step: int) -> str:
+    """The ``algorithm.old_logprobs`` setting implementing ``importance`` in the torch learner."""
+    if importance == "sais":
+        return "rollout"  # TrainBatch.rollout_logprobs_BT = concatenated segment behaviour logprobs
+    if importance == "pois":
+        return "auto" if updates_per_step == 1 else "recompute"
+    raise ValueError(f"importance must be 'pois' or 'sais', got {importance!r}")
+
+
+def token_versions_BT(samples: Sequence[SegmentSample], T: int | None = None) -> torch.Tensor:
+    """long [B, T]: policy version of every token, -1 on padding (a token map for the inspector)."""
+    return pad_lists_BT([s.token_versions() for s in samples], T, value=-1, dtype=torch.long)
+
+
+def apply_truncated_reward(rewards: Sequence[float], samples: Sequence[SegmentSample],
+                           truncated_reward: float | None) -> list[float]:
+    """Rewards with truncated samples set to ``truncated_reward`` (spec §5.4: 0; None = keep)."""
+    if len(rewards) != len(samples):
+        raise ValueError(f"{len(rewards)} rewards for {len(samples)} samples")
+    if truncated_reward is None:
+        return [float(r) for r in rewards]
+    return [float(truncated_reward) if s.truncated else float(r) for r, s in zip(rewards, samples)]
+
+
+__all__ = [
+    "SegmentBatch",
+    "SegmentConfig",
+    "SegmentGroup",
+    "SegmentSample",
+    "SegmentScheduler",
+    "apply_truncated_reward",
+    "learner_old_logprobs_mode",
+    "old_logprobs_BT",
+    "pad_lists_BT",
+    "shard_generate",
+    "to_completion",
+    "token_versions_BT",
+]
