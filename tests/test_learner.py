@@ -123,3 +123,28 @@ def test_micro_batches_keep_groups_together(tiny_model_dir):
     for mb in mbs:
         prompts = {tuple(comps[i].prompt_ids) for i in mb}
         assert len(prompts) == 1, mbs
+
+
+def test_dmmpt_loss_mask_masks_mastered_positive_tokens_and_reports(tiny_model_dir):
+    _, comps, batch = _rollout(tiny_model_dir)
+    batch.advantages_BT = torch.ones_like(batch.response_mask_BT)  # every sample positive
+    grads, metrics = [], []
+    for mask in ({}, {"mask_mastered_positive": {"tau": 1e-9, "sigma": 1e9}}):
+        learner = _learner(tiny_model_dir, "algorithm.old_logprobs=rollout")
+        if mask:
+            learner.algo = learner.algo.model_copy(update={"loss_mask": mask})
+        learner.optimizer.step = lambda: None
+        metrics.append(learner.train_step(batch))
+        grads.append(torch.cat([p.grad.flatten() for p in learner.model.parameters() if p.grad is not None]))
+    # tau~0 and an always-open entropy gate mask every token of the positive samples: no gradient
+    assert grads[0].abs().sum() > 0 and grads[1].abs().sum() == 0
+    assert metrics[1]["actor/dmmpt/masked_frac"] == pytest.approx(1.0)
+
+
+def test_loss_mask_config_errors():
+    from rlkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dmmpt|mask_mastered_positive"):
+        load_config(None, ["algorithm.loss_mask={mask_mastered_positiv: {}}"])
+    with pytest.raises(ConfigError, match="tua"):
+        load_config(None, ["algorithm.loss_mask={mask_mastered_positive: {tua: 0.5}}"])

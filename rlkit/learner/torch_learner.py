@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from rlkit.algorithms import POLICY_LOSSES, PolicyLossInputs, aggregate, kl_penalty
+from rlkit.algorithms import POLICY_LOSSES, PolicyLossInputs, aggregate, apply_loss_masks, kl_penalty
 from rlkit.batch import TrainBatch, pad_to
 from rlkit.config import AlgorithmConfig, LearnerConfig, ModelConfig, TrainConfig
 from rollout.sampling import unique_rows
@@ -90,6 +91,119 @@ def response_logprobs(
     return logprobs, entropy
 
 
+def plan_micro_batches(batch: TrainBatch, rows, size: int, share_prompt: bool) -> list[list[int]]:
+    """Split ``rows`` into micro-batches of ``size`` rows of similar length (less padding).
+
+    Rows sharing a prompt stay together (longest groups first), so with ``share_prompt`` a
+    micro-batch holds whole groups and runs each prompt once. Deterministic in its inputs, so
+    every data-parallel rank computes the same plan.
+    """
+    rows = list(rows)
+    if not rows:
+        return []
+    lens = batch.attention_mask_BS[rows].sum(1).tolist()
+    _, inv = prompt_groups(batch.select(rows)) if share_prompt else (None, torch.arange(len(rows)))
+    inv = inv.tolist()
+    group_len: dict[int, int] = {}
+    for g, n in zip(inv, lens):
+        group_len[g] = max(group_len.get(g, 0), n)
+    order = [r for *_, r in sorted(zip((-group_len[g] for g in inv), inv, (-n for n in lens), rows))]
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def update_schedule(batch_size: int, train_cfg: TrainConfig, step: int) -> list[tuple[int, list[int]]]:
+    """``(epoch, rows)`` of each optimizer update of one train step, in order.
+
+    ``ppo_epochs`` passes over ``mini_batches`` mini-batches; rows are shuffled per epoch when
+    there is more than one mini-batch, seeded by ``step`` (so identical on every rank).
+    """
+    gen = torch.Generator().manual_seed(int(step))
+    n = train_cfg.mini_batches
+    size = batch_size // n
+    out: list[tuple[int, list[int]]] = []
+    for epoch in range(train_cfg.ppo_epochs):
+        perm = torch.randperm(batch_size, generator=gen).tolist() if n > 1 else list(range(batch_size))
+        out.extend((epoch, perm[m * size : (m + 1) * size]) for m in range(n))
+    return out
+
+
+def prepare_logprobs(batch: TrainBatch, algo: AlgorithmConfig, train_cfg: TrainConfig, compute_logprobs) -> bool:
+    """Fill ``batch.old_logprobs_BT`` / ``ref_logprobs_BT`` as the config asks; return ``on_policy``.
+
+    On-policy (one update per batch, ``old_logprobs: auto``) the ratio denominator is the current
+    log-probs, detached, so no extra forward pass runs. ``compute_logprobs(batch, reference=...)``
+    is the learner's forward-only pass.
+    """
+    on_policy = algo.old_logprobs == "auto" and train_cfg.ppo_epochs * train_cfg.mini_batches == 1
+    if algo.old_logprobs == "rollout":
+        batch.old_logprobs_BT = batch.rollout_logprobs_BT
+    elif not on_policy:
+        batch.old_logprobs_BT = compute_logprobs(batch)
+    if algo.kl.beta > 0:
+        batch.ref_logprobs_BT = compute_logprobs(batch, reference=True)
+    return on_policy
+
+
+def aggregation_counts(batch: TrainBatch, rows: list[int], norm_length: float) -> dict[str, float]:
+    """Token/sequence counts of the whole mini-batch ``rows``, the divisors of :func:`aggregate`.
+
+    Every micro-batch (and data-parallel shard) divides by these, so the summed gradients equal
+    the whole mini-batch's gradient however its rows are split.
+    """
+    num_tokens = float(batch.response_mask_BT[rows].sum().clamp(min=1.0))
+    return dict(num_tokens=num_tokens, num_seqs=float(len(rows)), norm_length=norm_length)
+
+
+@dataclass
+class MicroBatchLoss:
+    loss: Tensor  # scalar with grad: this micro-batch's share of the mini-batch loss
+    metrics: dict[str, float]  # additive shares of the mini-batch metrics (sum over micro-batches)
+    entropy_tokens: Tensor  # detached entropies of the micro-batch's response tokens [N]
+
+
+def micro_batch_loss(
+    model: torch.nn.Module,
+    mb: TrainBatch,
+    loss_fn,
+    loss_params: Any,
+    algo: AlgorithmConfig,
+    agg: dict[str, float],
+    *,
+    on_policy: bool,
+    share_prompt: bool,
+) -> MicroBatchLoss:
+    """Policy loss (+ KL) of one micro-batch, aggregated with the mini-batch counts ``agg``.
+
+    ``loss_fn`` is a registered policy loss ``(PolicyLossInputs, params) -> (loss_BT, metrics)``.
+    The metric shares add up over all micro-batches (and ranks) to the mini-batch value:
+    ``pg_loss``/``kl``/``entropy`` by construction, the loss's own metrics by token share.
+    """
+    num_tokens = agg["num_tokens"]
+    lp, ent = response_logprobs(model, mb, with_entropy=True, share_prompt=share_prompt)
+    mask = mb.response_mask_BT
+    old = lp.detach() if on_policy else mb.old_logprobs_BT
+    inp = PolicyLossInputs(
+        logprobs_BT=lp, old_logprobs_BT=old, advantages_BT=mb.advantages_BT, response_mask_BT=mask, entropy_BT=ent,
+    )
+    loss_BT, lm = loss_fn(inp, loss_params)
+    if algo.loss_mask:  # e.g. DMMPT; aggregation keeps the full mask as its denominator
+        loss_BT, mm = apply_loss_masks(loss_BT, inp, algo.loss_mask)
+        lm = {**lm, **mm}
+    pg = aggregate(loss_BT, mask, algo.loss_agg, **agg)
+    loss = pg
+    acc: dict[str, float] = {}
+    w = float(mask.sum()) / num_tokens  # token share of this micro-batch, for metrics
+    if algo.kl.beta > 0:
+        kl_BT = kl_penalty(lp, mb.ref_logprobs_BT, algo.kl.estimator)
+        loss = loss + algo.kl.beta * aggregate(kl_BT, mask, algo.loss_agg, **agg)
+        acc["actor/kl"] = float((kl_BT.detach() * mask).sum()) / num_tokens
+    acc["actor/pg_loss"] = float(pg.detach())
+    acc["actor/entropy"] = float((ent * mask).sum()) / num_tokens
+    for k, v in lm.items():
+        acc[f"actor/{k}"] = float(v) * w
+    return MicroBatchLoss(loss, acc, ent[mask > 0].detach())
+
+
 class TorchLearner:
     """Holds the trainable policy (+ optional frozen reference) and its optimizer."""
 
@@ -159,52 +273,23 @@ class TorchLearner:
 
     # ------------------------------------------------------------------ update
     def _micro_batches(self, batch: TrainBatch, rows) -> list[list[int]]:
-        """Split rows into micro-batches of similar length (less padding; results unchanged).
-
-        Rows sharing a prompt stay together (longest groups first), so with ``share_prompt`` a
-        micro-batch holds whole groups and runs each prompt once.
-        """
-        rows = list(rows)
-        if not rows:
-            return []
-        lens = batch.attention_mask_BS[rows].sum(1).tolist()
-        _, inv = prompt_groups(batch.select(rows)) if self.share_prompt else (None, torch.arange(len(rows)))
-        inv = inv.tolist()
-        group_len: dict[int, int] = {}
-        for g, n in zip(inv, lens):
-            group_len[g] = max(group_len.get(g, 0), n)
-        order = [r for *_, r in sorted(zip((-group_len[g] for g in inv), inv, (-n for n in lens), rows))]
-        n = self.cfg.micro_batch_size
-        return [order[i : i + n] for i in range(0, len(order), n)]
+        """Split rows into micro-batches (see :func:`plan_micro_batches`)."""
+        return plan_micro_batches(batch, rows, self.cfg.micro_batch_size, self.share_prompt)
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """PPO epochs over mini-batches; returns averaged metrics (namespaced ``actor/``)."""
         t0 = time.perf_counter()
-        algo = self.algo
         self.model.train()
-        on_policy = algo.old_logprobs == "auto" and self.train_cfg.ppo_epochs * self.train_cfg.mini_batches == 1
-        if algo.old_logprobs == "rollout":
-            batch.old_logprobs_BT = batch.rollout_logprobs_BT
-        elif not on_policy:
-            batch.old_logprobs_BT = self.compute_logprobs(batch)
-        if algo.kl.beta > 0:
-            batch.ref_logprobs_BT = self.compute_logprobs(batch, reference=True)
-        B, T = batch.response_mask_BT.shape
-        norm_length = float(algo.norm_length or T)
+        on_policy = prepare_logprobs(batch, self.algo, self.train_cfg, self.compute_logprobs)
+        norm_length = float(self.algo.norm_length or batch.response_mask_BT.shape[1])
         sums: dict[str, float] = {}
-        n_updates = 0
-        gen = torch.Generator().manual_seed(int(self.scheduler.last_epoch))
+        schedule = update_schedule(len(batch), self.train_cfg, int(self.scheduler.last_epoch))
         self._entropies = []
-        for _epoch in range(self.train_cfg.ppo_epochs):
-            self._collect_entropy = _epoch == 0
-            perm = torch.randperm(B, generator=gen).tolist() if self.train_cfg.mini_batches > 1 else list(range(B))
-            size = B // self.train_cfg.mini_batches
-            for m in range(self.train_cfg.mini_batches):
-                rows = perm[m * size : (m + 1) * size]
-                stats = self._update(batch, rows, norm_length, on_policy)
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n_updates += 1
+        for epoch, rows in schedule:
+            self._collect_entropy = epoch == 0
+            for k, v in self._update(batch, rows, norm_length, on_policy).items():
+                sums[k] = sums.get(k, 0.0) + v
+        n_updates = len(schedule)
         self.scheduler.step()
         metrics = {k: v / n_updates for k, v in sums.items()}
         metrics["actor/lr"] = self.optimizer.param_groups[0]["lr"]
@@ -212,38 +297,18 @@ class TorchLearner:
         return metrics
 
     def _update(self, batch: TrainBatch, rows: list[int], norm_length: float, on_policy: bool) -> dict[str, float]:
-        algo = self.algo
-        mask_all = batch.response_mask_BT[rows]
-        num_tokens = float(mask_all.sum().clamp(min=1.0))
-        num_seqs = float(len(rows))
-        agg = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
+        agg = aggregation_counts(batch, rows, norm_length)
         self.optimizer.zero_grad(set_to_none=True)
         acc: dict[str, float] = {}
         for idx in self._micro_batches(batch, rows):
             mb = batch.select(idx)
-            lp, ent = response_logprobs(self.model, mb, with_entropy=True, share_prompt=self.share_prompt)
-            mask = mb.response_mask_BT
-            old = lp.detach() if on_policy else mb.old_logprobs_BT
-            inp = PolicyLossInputs(
-                logprobs_BT=lp, old_logprobs_BT=old, advantages_BT=mb.advantages_BT,
-                response_mask_BT=mask, entropy_BT=ent,
-            )
-            loss_BT, lm = self.loss_entry.fn(inp, self.loss_params)
-            pg = aggregate(loss_BT, mask, algo.loss_agg, **agg)
-            loss = pg
-            w = float(mask.sum()) / num_tokens  # token share of this micro-batch, for metrics
-            if algo.kl.beta > 0:
-                kl_BT = kl_penalty(lp, mb.ref_logprobs_BT, algo.kl.estimator)
-                kl = aggregate(kl_BT, mask, algo.loss_agg, **agg)
-                loss = loss + algo.kl.beta * kl
-                acc["actor/kl"] = acc.get("actor/kl", 0.0) + float((kl_BT.detach() * mask).sum()) / num_tokens
-            loss.backward()
+            out = micro_batch_loss(self.model, mb, self.loss_entry.fn, self.loss_params, self.algo, agg,
+                                   on_policy=on_policy, share_prompt=self.share_prompt)
+            out.loss.backward()
             if self._collect_entropy:
-                self._entropies.append(ent[mask > 0].detach())
-            acc["actor/pg_loss"] = acc.get("actor/pg_loss", 0.0) + float(pg.detach())
-            acc["actor/entropy"] = acc.get("actor/entropy", 0.0) + float((ent * mask).sum()) / num_tokens
-            for k, v in lm.items():
-                acc[f"actor/{k}"] = acc.get(f"actor/{k}", 0.0) + float(v) * w
+                self._entropies.append(out.entropy_tokens)
+            for k, v in out.metrics.items():
+                acc[k] = acc.get(k, 0.0) + v
         params = [p for p in self.model.parameters() if p.requires_grad]
         gn = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         if torch.isfinite(gn):
