@@ -1,7 +1,9 @@
-"""``rlkit`` command line: train, eval, plot, config, models.
+"""``rlkit`` command line: train, eval, train-budget-predictor, plot, inspect, config, models.
 
     rlkit train recipes/quickstart.yaml [key.sub=value ...] [--resume | --no-resume]
-    rlkit eval  recipes/quickstart.yaml | RUN_DIR [key=value ...] [--model DIR] [--out FILE]
+    rlkit eval  recipes/quickstart.yaml | RUN_DIR [key=value ...] [--model DIR] [--out FILE] [--limit N]
+    rlkit eval  RECIPE | RUN_DIR --budgets 64,128,256 [--guidance PREDICTOR_DIR]  # accuracy vs budget
+    rlkit train-budget-predictor --model smollm2-135m-instruct --out runs/budget_predictor_smollm2
     rlkit plot  RUN_DIR
     rlkit inspect RUN_DIR [--step N] [--out FILE]   # HTML view of per-token advantages
     rlkit config [RECIPE] [overrides]   # print the resolved config (or the reference with --reference)
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -42,32 +45,70 @@ def _load_target(target: str, overrides: list[str]):
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from rlkit.data import format_prompt, load_rows, split_rows
+    from rlkit.budget_eval import check_predictor_dir, parse_budgets, prompt_encoder
+    from rlkit.data import load_rows, split_rows
     from rlkit.evaluate import evaluate_rows, format_table
-    from rlkit.models import apply_chat_template, load_tokenizer, resolve_model_path
+    from rlkit.models import load_tokenizer, resolve_model_path
 
     cfg, run_model = _load_target(args.target, args.overrides)
+    # flag errors before any model loads
+    try:
+        budgets = parse_budgets(args.budgets) if args.budgets is not None else None
+        guidance = args.guidance or (cfg.model.budget_guidance if budgets else None)
+        if args.guidance and budgets is None:
+            raise ValueError("--guidance needs --budgets (guidance acts on a token budget), e.g. --budgets 64,128,256")
+        if guidance:
+            check_predictor_dir(guidance)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"rlkit: {e}", file=sys.stderr)
+        return 2
     base = resolve_model_path(cfg.model.name)
     model_path = args.model or run_model or base
     d = cfg.data
     rows, _ = load_rows(d.source, path=d.path, split=d.split, prompt_key=d.prompt_key, answer_key=d.answer_key,
                         on_bad_row=d.on_bad_row, generator_kwargs=d.generator, seed=cfg.seed, limit=d.limit)
     _, eval_rows = split_rows(rows, d.eval_size, cfg.seed)
+    if args.limit:
+        eval_rows = eval_rows[: args.limit]
     lora = None
     if Path(model_path, "adapter_config.json").is_file():
         lora, model_path = model_path, base  # PEFT adapter dir on top of the base model
     engine = _engine_for(model_path, lora, cfg)
-    tok = load_tokenizer(model_path)
+    encode = prompt_encoder(cfg, load_tokenizer(model_path))
+    if budgets is not None:
+        return _eval_budgets(args, cfg, eval_rows, encode, engine, budgets, guidance, lora or model_path)
 
-    def encode(row):
-        return apply_chat_template(tok, format_prompt(row, d.system_prompt, d.prompt_template))
-
-    res = evaluate_rows(cfg, eval_rows, encode, engine.generate)
+    res = evaluate_rows(cfg, eval_rows, lambda r: encode(r, None), engine.generate)
     label = Path(lora or model_path).name
     print(format_table({label: res}))
     if args.out:
         Path(args.out).write_text(json.dumps({"model": lora or model_path, **res}, indent=2))
     print(json.dumps(res))
+    return 0
+
+
+def _eval_budgets(args, cfg, rows, encode, engine, budgets, guidance, model) -> int:
+    """``rlkit eval --budgets``: accuracy / mean tokens per budget, unguided vs guided; JSON + PNG."""
+    from rlkit.budget_eval import (
+        build_guidance,
+        evaluate_budgets,
+        format_budget_table,
+        output_paths,
+        write_budget_report,
+    )
+
+    proc = build_guidance(engine, guidance, cfg.model.budget_guidance_params) if guidance else None
+    records = evaluate_budgets(cfg, rows, encode, engine.generate, budgets, proc,
+                               budget_in_prompt=cfg.data.budget is not None, progress=not args.quiet)
+    target = Path(args.target)
+    json_path, png_path = output_paths(args.out, target if target.is_dir() else cfg.run_dir)
+    meta = {"target": str(target), "model": model, "guidance": str(guidance) if guidance else None,
+            "guidance_params": dataclasses.asdict(proc.params) if proc else None, "problems": len(rows),
+            "budgets": budgets, "budget_in_prompt": cfg.data.budget is not None,
+            "temperature": cfg.eval.temperature, "num_samples": cfg.eval.num_samples, "seed": cfg.seed}
+    write_budget_report(records, meta, json_path, png_path)
+    print(format_budget_table(records))
+    print(f"wrote {json_path}\nwrote {png_path}")
     return 0
 
 
@@ -85,6 +126,21 @@ def _engine_for(model_path: str, adapter_dir: str | None, cfg):
     engine = HFEngine(model_path, lora=lora, **kw)
     engine.load_weights(load_file(str(Path(adapter_dir, "adapter_model.safetensors"))))
     return engine
+
+
+def _cmd_train_budget_predictor(argv: list[str]) -> int:
+    """``rlkit train-budget-predictor [flags]``: the flags of ``rlkit.budget_train``."""
+    from rlkit.budget_train import add_arguments, run
+
+    ap = argparse.ArgumentParser(prog="rlkit train-budget-predictor",
+                                 description="Train the budget-guidance predictor (spec §4.3) on the model's "
+                                             "own completions; writes budget_predictor.{json,safetensors}.")
+    add_arguments(ap)
+    try:
+        return run(ap.parse_args(argv))
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"rlkit: {e}", file=sys.stderr)
+        return 2
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -131,6 +187,16 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rlkit", description="RL post-training for efficient reasoning.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -145,8 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("target", help="recipe YAML or run dir")
     e.add_argument("overrides", nargs="*")
     e.add_argument("--model", help="HF model dir or PEFT adapter dir to evaluate")
-    e.add_argument("--out", help="write the results JSON here")
+    e.add_argument("--out", help="write the results JSON here (with --budgets: a .json file, the PNG beside "
+                                 "it, or a directory; default: the run dir)")
+    e.add_argument("--limit", type=_positive_int, help="evaluate only the first N held-out problems")
+    e.add_argument("--budgets", metavar="B1,B2,...",
+                   help="token budgets: accuracy and mean tokens per budget, truncated (unguided) and, with a "
+                        "predictor, budget-guided; writes eval_budgets.json + .png")
+    e.add_argument("--guidance", metavar="DIR",
+                   help="budget predictor dir for the guided runs (default: model.budget_guidance)")
+    e.add_argument("--quiet", action="store_true", help="no progress output")
     e.set_defaults(fn=_cmd_eval)
+    # listed here for `rlkit --help`; main() hands its arguments to rlkit.budget_train's own parser
+    # (importing it pulls in torch, which the other commands' parsing should not pay for)
+    sub.add_parser("train-budget-predictor", add_help=False,
+                   help="train the budget-guidance length predictor on the model's own completions")
     p = sub.add_parser("plot", help="write PNG curves of a run")
     p.add_argument("run_dir")
     p.set_defaults(fn=_cmd_plot)
@@ -169,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from rlkit.config import ConfigError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train-budget-predictor"]:
+        return _cmd_train_budget_predictor(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)

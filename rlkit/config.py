@@ -37,6 +37,24 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="fp32 on CPU, bf16 on GPU.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     gradient_checkpointing: bool = False
+    budget_guidance: str | None = Field(
+        None,
+        description="Budget-guidance predictor dir (rlkit train-budget-predictor): guides rollouts of requests "
+        "with a budget (data.budget) and `rlkit eval --budgets`; None = off.",
+    )
+    budget_guidance_params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="rollout.budget.GuidanceParams overrides (min_lambda, min_alpha, min_mode, trigger_strings, "
+        "think_start, think_end, temperature_on_guided_steps); default: those saved with the predictor.",
+    )
+
+    @model_validator(mode="after")
+    def _check_budget_guidance(self) -> ModelConfig:
+        if self.budget_guidance_params:
+            from rlkit.budget_eval import guidance_params
+
+            guidance_params(self.budget_guidance_params)  # unknown keys name the nearest valid one
+        return self
 
 
 class DataConfig(_Section):
@@ -83,8 +101,25 @@ class EngineConfig(_Section):
     adaptive_temperature: AdaptiveTemperatureConfig = Field(default_factory=AdaptiveTemperatureConfig)
 
 
+class DeepSpeedConfig(_Section):
+    """Settings read only by the DeepSpeed learner (``learner.name: deepspeed``)."""
+
+    zero_stage: Literal[2, 3] = Field(3, description="ZeRO stage: 2 shards grads+optimizer, 3 also the weights.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer state (and its step) on the CPU.")
+    bf16: bool = Field(False, description="bf16 weights/activations with fp32 master weights (GPU; slow on CPU).")
+    timeout_s: float = Field(600.0, gt=0.0, description="torch.distributed rendezvous and collective timeout.")
+    sync_bucket_mb: float = Field(
+        256.0, gt=0.0, description="ZeRO-3: gather at most this many MiB of parameters at a time for weight sync."
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Deep-merged into the generated DeepSpeed config (expert knobs)."
+    )
+
+
 class LearnerConfig(_Section):
     name: Literal["torch", "deepspeed"] = "torch"
+    num_ranks: int = Field(1, ge=1, description="Data-parallel ranks (deepspeed): Ray actors in one placement group.")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     lr: float = Field(1e-6, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -132,6 +167,12 @@ class AlgorithmConfig(_Section):
     dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
     overlong_filter: bool = Field(False, description="Mask the loss of truncated samples.")
     overlong_shaping: OverlongShapingConfig = Field(default_factory=OverlongShapingConfig)
+    loss_mask: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Token loss masks applied after the policy loss, e.g. "
+        "{mask_mastered_positive: {tau: 0.99, sigma: 0.2, entropy_scope: sample}} (UloRL DMMPT); "
+        "masked tokens stay in the aggregation denominator.",
+    )
     step_probe: dict[str, Any] = Field(
         default_factory=dict,
         description="SPAE probe settings (rlkit.probes.ProbeParams); used by advantages that need probes.",
@@ -215,6 +256,46 @@ class ClusterConfig(_Section):
     dashboard: bool = False
 
 
+class SegmentsConfig(_Section):
+    """UloRL segment rollout (spec §5.1-5.2): decode at most ``seg_len`` new tokens per sample per step
+    and carry unfinished samples (resumed from their full prefix) into the next step.
+
+    ``engine.max_new_tokens`` is the global max response length (UloRL: 128K in 8 x 16K segments).
+    """
+
+    enabled: bool = False
+    seg_len: int | None = Field(
+        None, ge=1, description="New tokens per sample per step; None = ceil(engine.max_new_tokens / 8)."
+    )
+    importance: Literal["pois", "sais"] = Field(
+        "pois",
+        description="pois: old log-probs of the whole sequence from the pre-update policy (algorithm.old_logprobs "
+        "auto|recompute); sais: each segment's behaviour log-probs (algorithm.old_logprobs=rollout).",
+    )
+    group_mode: Literal["complete", "siblings"] = Field(
+        "complete",
+        description="complete: a prompt group trains once all G samples finished; siblings: a finished sample "
+        "trains at once, its group statistics use the siblings finished so far.",
+    )
+    truncated_reward: float | None = Field(
+        0.0, description="Reward of a sample cut at engine.max_new_tokens (replaces the verifiers'); None = keep."
+    )
+    topup: Literal["constant", "deficit"] = Field(
+        "constant",
+        description="New prompt groups per round: constant = train.prompts_per_step; deficit = only the missing ones.",
+    )
+    max_inflight_groups: int | None = Field(
+        None, ge=1, description="Cap on unfinished groups; None = prompts_per_step * number of segments."
+    )
+    max_rounds_per_step: int = Field(
+        0, ge=0, description="Stop a step's generation after this many rounds (smaller batch); 0 = until full."
+    )
+
+    def resolved_seg_len(self, max_len: int) -> int:
+        """``seg_len``, or UloRL's ``max_len / 8`` (rounded up) when unset."""
+        return self.seg_len if self.seg_len is not None else -(-max_len // 8)
+
+
 class Config(_Section):
     name: str = Field("run", description="Run name; the run dir is output_dir/name.")
     output_dir: str = "runs"
@@ -230,6 +311,7 @@ class Config(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    segments: SegmentsConfig = Field(default_factory=SegmentsConfig)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Config:
@@ -265,6 +347,31 @@ def _check_combinations(c: Config) -> None:
         raise ValueError(f"data.path is required when data.source is {c.data.source!r}")
     if not c.reward.verifiers:
         raise ValueError("reward.verifiers must name at least one verifier")
+    if c.segments.enabled:
+        _check_segments(c)
+
+
+def _check_segments(c: Config) -> None:
+    s, a = c.segments, c.algorithm
+    seg_len, max_len = s.resolved_seg_len(c.engine.max_new_tokens), c.engine.max_new_tokens
+    if seg_len > max_len:
+        raise ValueError(f"segments.seg_len={seg_len} must be <= engine.max_new_tokens={max_len} "
+                         "(the global max response length)")
+    if s.importance == "sais" and a.old_logprobs != "rollout":
+        raise ValueError("segments.importance=sais divides by each segment's behaviour log-probs: "
+                         f"set algorithm.old_logprobs=rollout (got {a.old_logprobs!r})")
+    if s.importance == "pois" and a.old_logprobs == "rollout":
+        raise ValueError("segments.importance=pois recomputes old log-probs with the current policy: "
+                         "set algorithm.old_logprobs=auto or recompute (got 'rollout')")
+    if s.max_inflight_groups is not None and s.max_inflight_groups < c.train.prompts_per_step:
+        raise ValueError(f"segments.max_inflight_groups={s.max_inflight_groups} must be >= "
+                         f"train.prompts_per_step={c.train.prompts_per_step}, else a step may never fill")
+    if s.group_mode == "siblings" and a.dynamic_sampling.enabled:
+        raise ValueError("segments.group_mode=siblings does not combine with algorithm.dynamic_sampling "
+                         "(a partial group's reward variance is unknown); use group_mode=complete")
+    if c.data.budget is not None or c.engine.adaptive_temperature.enabled:
+        raise ValueError("segments.enabled does not support data.budget or engine.adaptive_temperature yet "
+                         "(segment requests carry no per-request budget or logits processors)")
 
 
 # ----------------------------------------------------------------------------- errors
@@ -430,6 +537,21 @@ def _check_registries(cfg: Config) -> None:
             reg.build_params(name, kwargs)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{params_key}: {e}") from None
+    if ADVANTAGES.resolve(a.advantage) == "brpo":
+        raise ConfigError(
+            "algorithm.advantage: 'brpo' needs the AnytimeReasoner rollout (thinking truncated at each "
+            "budget + summaries), which `rlkit train` does not run yet; use rlkit.anytime.brpo_rows with "
+            "rlkit.algorithms.brpo from Python for now"
+        )
+    from rlkit.algorithms import LOSS_MASKS
+
+    for name, kwargs in a.loss_mask.items():
+        try:
+            LOSS_MASKS.build_params(name, kwargs)
+        except KeyError as e:
+            raise ConfigError(f"algorithm.loss_mask: {e.args[0]}") from None
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"algorithm.loss_mask.{name}: {e}") from None
     _check_plugin_params(cfg)
     import rewards
 

@@ -26,8 +26,18 @@ def evaluate_rows(
     rows: list[dict],
     encode: Callable[[dict], list[int]],
     generate: Callable[[list[RolloutRequest]], list[Completion]],
+    *,
+    max_new_tokens: int | None = None,
+    budget: int | None = None,
+    request_meta: dict | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Sample ``eval.num_samples`` completions per row and score them with the math verifier."""
+    """Sample ``eval.num_samples`` completions per row and score them with the math verifier.
+
+    ``max_new_tokens`` overrides ``eval.max_new_tokens``; ``budget`` is put on every request
+    (budget guidance acts on it); ``request_meta`` is copied into every request's ``meta`` (e.g.
+    ``{"logits_processors": [...]}``); ``on_batch(rows_done)`` is called after each batch.
+    """
     from rewards import resolve
     from rewards.format import has_boxed
     from rlkit.experience import sampling_params
@@ -36,15 +46,18 @@ def evaluate_rows(
     n = e.num_samples
     params = sampling_params(
         cfg, n=n, seed=cfg.seed + 7919, greedy=e.temperature == 0.0,
-        max_new_tokens=e.max_new_tokens or cfg.engine.max_new_tokens,
+        max_new_tokens=max_new_tokens or e.max_new_tokens or cfg.engine.max_new_tokens,
     )
     if e.temperature:
         params = type(params)(**{**params.__dict__, "temperature": e.temperature})
     comps: list[Completion] = []
     for i in range(0, len(rows), e.batch_size):
         chunk = rows[i : i + e.batch_size]
-        comps += generate([RolloutRequest(prompt_ids=encode(r), params=params, group_id=i + k)
+        comps += generate([RolloutRequest(prompt_ids=encode(r), params=params, group_id=i + k, budget=budget,
+                                          meta=dict(request_meta or {}))
                            for k, r in enumerate(chunk)])
+        if on_batch is not None:
+            on_batch(len(chunk))
     math_fn = resolve("math")
     texts = [c.text for c in comps]
     answers = [r["answer"] for r in rows for _ in range(n)]

@@ -38,6 +38,9 @@ class Group:
     per_verifier: dict[str, list[float]] = field(default_factory=dict)
     problem_id: Any = None  # stable key of the training row (history-based length rewards)
     budget: Any = None  # rewards.budget_prompt.BudgetAssignment written into the prompt, if any
+    # rewards of siblings trained in earlier steps (segment rollout, group_mode=siblings): they enter
+    # the group statistics of the advantage estimator, not the loss
+    context_rewards: list[float] = field(default_factory=list)
 
 
 def sampling_params(cfg: Config, *, n: int, seed: int, greedy: bool = False, max_new_tokens: int | None = None):
@@ -174,8 +177,33 @@ def make_batch(
         response_ids_BT=batch.response_ids_BT,
         extras=dict(extras or {}),
     )
-    batch.advantages_BT = entry.fn(inputs, ADVANTAGES.build_params(a.advantage, a.advantage_params)).float()
+    ctx = [(gi, float(r)) for gi, g in enumerate(groups) for r in g.context_rewards]
+    if ctx:
+        inputs = _with_context_rows(inputs, ctx)
+    adv_BT = entry.fn(inputs, ADVANTAGES.build_params(a.advantage, a.advantage_params)).float()
+    B = len(rewards)
+    batch.advantages_BT = adv_BT[:B]
+    if ctx:  # per-token maps came back with the context rows appended
+        maps = inputs.extras.get("token_maps", {})
+        for k, t in maps.items():
+            maps[k] = t[:B]
     return batch, rewards_B, inputs.extras
+
+
+def _with_context_rows(inp: AdvantageInputs, ctx: list[tuple[int, float]]) -> AdvantageInputs:
+    """Append rows (all-masked, no tokens) carrying ``(group index, reward)`` of already-trained siblings,
+    so group statistics see them; the caller keeps only the first B rows of the advantages."""
+    if any(k not in ("metrics", "token_maps") for k in inp.extras):
+        raise ValueError("sibling context rewards (segments.group_mode=siblings) do not combine with estimator "
+                         f"extras {sorted(inp.extras)}; use segments.group_mode=complete")
+    C, T = len(ctx), inp.response_mask_BT.shape[1]
+    return AdvantageInputs(
+        rewards_B=torch.cat([inp.rewards_B, torch.tensor([r for _, r in ctx], dtype=inp.rewards_B.dtype)]),
+        group_ids_B=torch.cat([inp.group_ids_B, torch.tensor([g for g, _ in ctx], dtype=torch.long)]),
+        response_mask_BT=torch.cat([inp.response_mask_BT, inp.response_mask_BT.new_zeros((C, T))]),
+        response_ids_BT=torch.cat([inp.response_ids_BT, inp.response_ids_BT.new_zeros((C, T))]),
+        extras=inp.extras,
+    )
 
 
 def rollout_metrics(groups: list[Group], acc_key: str | None) -> dict[str, float]:

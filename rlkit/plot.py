@@ -8,6 +8,9 @@
 * ``loss.png``    — ``actor/pg_loss``, ``actor/kl``, ``actor/grad_norm`` (one panel each: scales differ)
 * ``overview.png`` — a grid with every available key among the above (or ``keys`` when given)
 
+``plot_budget_curve`` draws the accuracy-vs-mean-tokens curve of ``rlkit eval --budgets`` (one line
+per decoding mode, points labelled by budget).
+
 Raw points are drawn faintly with a debiased EMA (TensorBoard-style smoothing) on top once a series
 has more than 20 points. Figures are built with ``matplotlib.figure.Figure`` rather than pyplot, so
 plotting never touches global backend state and is safe inside a running trainer.
@@ -21,7 +24,7 @@ from typing import Any
 
 from rlkit.tracking import METRICS_FILE, read_metrics
 
-__all__ = ["plot_run", "series", "ema"]
+__all__ = ["plot_run", "plot_budget_curve", "series", "ema"]
 
 SMOOTHING = 0.6  # EMA weight on the previous value (TensorBoard's default slider value)
 SMOOTH_MIN_POINTS = 20
@@ -222,3 +225,39 @@ def plot_run(
         _plot_overview(data, list(keys) if keys else list(OVERVIEW_KEYS), out),
     ]
     return [p for p in written if p is not None]
+
+
+def plot_budget_curve(
+    records: list[dict[str, Any]] | tuple[dict[str, Any], ...],
+    out_file: str | Path,
+    title: str = "accuracy vs tokens",
+) -> Path:
+    """Accuracy (y, %) against mean response tokens (x) per budget: one line per ``mode``, each
+    point labelled with its budget (the Pareto view of ``rlkit eval --budgets``).
+
+    ``records``: dicts with ``mode``, ``budget``, ``accuracy`` (0..1) and ``tokens_mean``.
+    """
+    if not records:
+        raise ValueError("no budget records to plot")
+    fig, axes = _new_figure(size=(6.5, 4.2))
+    ax = axes[0][0]
+    modes = list(dict.fromkeys(r["mode"] for r in records))
+    for i, mode in enumerate(modes):
+        pts = sorted((r for r in records if r["mode"] == mode), key=lambda r: r["budget"])
+        xs = [float(r["tokens_mean"]) for r in pts]
+        ys = [100.0 * float(r["accuracy"]) for r in pts]
+        # distinct marker + dash per mode: identical curves (e.g. guidance that never fires) stay visible
+        ax.plot(xs, ys, marker="os^D"[i % 4], markersize=5 - i, linewidth=1.4, linestyle=("-", "--", ":")[i % 3],
+                color=f"C{i}", label=mode)
+        for r, x, y in zip(pts, xs, ys):
+            ax.annotate(f"b={r['budget']}", (x, y), textcoords="offset points", xytext=(4, 4 + 8 * i),
+                        fontsize=7, color=f"C{i}")
+    ax.margins(x=0.08, y=0.12)  # room for the budget labels
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("mean response tokens")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return _save(fig, out)

@@ -76,7 +76,18 @@ class Trainer:
         engine_kwargs = {"dtype": cfg.model.dtype, "max_batch_size": cfg.engine.max_batch_size, "seed": cfg.seed}
         if cfg.model.lora.rank > 0:
             engine_kwargs["lora"] = cfg.model.lora.model_dump()
+        if cfg.model.budget_guidance:  # guided sampling for requests that carry a budget (data.budget)
+            engine_kwargs["budget_guidance"] = str(Path(cfg.model.budget_guidance).resolve())
+            engine_kwargs["budget_guidance_params"] = dict(cfg.model.budget_guidance_params)
         self.learner, self.engines = spawn_actors(cfg, self.model_path, engine_kwargs)
+        self.segments = None  # UloRL segment rollout (spec §5): carries unfinished samples across steps
+        if cfg.segments.enabled:
+            from rlkit.segment_collect import SegmentRollout
+
+            self.segments = SegmentRollout(
+                cfg, lambda reqs: X.generate(self.engines, reqs)[0], self.cursor, self.train_rows, self.encode,
+                lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), self.run_dir,
+            )
 
     def encode(self, row: dict, budget=None) -> list[int]:
         """Prompt token ids of ``row`` (with its token ``budget`` written in, if any); cached."""
@@ -109,6 +120,8 @@ class Trainer:
         if "length_shaping" in ts:
             self.shaping.load_state_dict(ts["length_shaping"])
         self.sampler_stats = ts.get("sampler_stats")
+        if self.segments is not None:
+            self.segments.load_state_dict(ts.get("segments"))
         return int(state["step"])
 
     def _save(self, step: int) -> Path:
@@ -121,7 +134,8 @@ class Trainer:
             self.run_dir, step, model_state=st["model_state"], optimizer_state=st["optimizer_state"],
             scheduler_state=st["scheduler_state"], keep_last=self.cfg.checkpoint.keep_last,
             trainer_state={"cursor": self.cursor.state_dict(), "rng": capture_rng_state(), "step": step,
-                           "length_shaping": self.shaping.state_dict(), "sampler_stats": self.sampler_stats},
+                           "length_shaping": self.shaping.state_dict(), "sampler_stats": self.sampler_stats,
+                           "segments": self.segments.state_dict() if self.segments is not None else None},
         )
 
     # ------------------------------------------------------------------ loop
@@ -133,6 +147,8 @@ class Trainer:
         t_setup = time.perf_counter()
         self._setup()
         start = self._restore()
+        if self.segments is not None:
+            self.segments.open_log(start)
         if start:
             sync_weights(self.learner, self.engines, start)
         tr = cfg.tracking
@@ -167,9 +183,13 @@ class Trainer:
 
         cfg = self.cfg
         t0 = time.perf_counter()
-        groups, all_groups, m = X.collect(step, cfg, self.engines, self.cursor, self.train_rows,
-                                          self.encode, self.manager, tracker.print, shaping=self.shaping,
-                                          acc_key=self.acc_key, request_meta=self._request_meta())
+        if self.segments is not None:
+            groups, all_groups, m = self.segments.collect(step, self.manager, shaping=self.shaping,
+                                                          acc_key=self.acc_key)
+        else:
+            groups, all_groups, m = X.collect(step, cfg, self.engines, self.cursor, self.train_rows,
+                                              self.encode, self.manager, tracker.print, shaping=self.shaping,
+                                              acc_key=self.acc_key, request_meta=self._request_meta())
         _fault_injection(step)
         m.update(X.rollout_metrics(all_groups, self.acc_key))
         if groups:
@@ -184,7 +204,8 @@ class Trainer:
             m["time/sync_s"] = sync_weights(self.learner, self.engines, step)
         else:
             tracker.print(f"step {step}: no informative group; update skipped")
-        gen_tokens = sum(len(c.token_ids) for g in all_groups for c in g.completions)
+        gen_tokens = m.get("rollout/tokens_generated",  # segments: this step's tokens, not whole samples'
+                           sum(len(c.token_ids) for g in all_groups for c in g.completions))
         m["time/step_s"] = time.perf_counter() - t0
         m["perf/gen_tokens_per_s"] = gen_tokens / max(m["time/gen_s"], 1e-9)
         m["perf/tokens_per_s"] = gen_tokens / m["time/step_s"]

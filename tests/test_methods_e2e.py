@@ -8,10 +8,10 @@ per-token credit for ``rlkit inspect``, and renders. Length shaping with a per-p
 from __future__ import annotations
 
 import pytest
+from test_train_e2e import DETERMINISTIC, ROOT, _run_cli, tiny_overrides
 
 from rlkit.config import load_config
 from rlkit.tracking import read_metrics
-from test_train_e2e import DETERMINISTIC, ROOT, _run_cli, tiny_overrides
 
 pytestmark = pytest.mark.slow
 

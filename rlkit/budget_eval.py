@@ -1,0 +1,289 @@
+"""Accuracy vs token budget, with and without budget guidance (issue 4, spec §4.4).
+
+``rlkit eval RECIPE_OR_RUN --budgets 64,128,256 [--guidance DIR]`` runs, for every budget ``b``:
+
+* ``unguided``: the held-out problems with ``max_new_tokens = b`` (plain truncation);
+* ``guided`` (when a predictor is given, or ``model.budget_guidance`` is set): the same requests
+  with ``budget = b`` and :class:`rollout.budget.BudgetGuidance` in the request's processors.
+
+When the config writes budgets into prompts (``data.budget``, L1-style training), both modes write
+``b`` into the prompt too, so the run is evaluated the way it was trained. Results are one record
+per (mode, budget) with the fields of :func:`rlkit.evaluate.evaluate_rows`, written as JSON with an
+accuracy-vs-mean-tokens PNG (:func:`rlkit.plot.plot_budget_curve`).
+
+Also here: the glue that turns ``model.budget_guidance`` into a processor on an engine
+(:func:`attach_budget_guidance`, used by ``RolloutWorker`` and the CLI), so ``rollout`` stays free
+of config code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "MODES",
+    "attach_budget_guidance",
+    "build_guidance",
+    "check_predictor_dir",
+    "evaluate_budgets",
+    "format_budget_table",
+    "guidance_params",
+    "output_paths",
+    "parse_budgets",
+    "prompt_encoder",
+    "write_budget_report",
+]
+
+MODES = ("unguided", "guided")
+REPORT_NAME = "eval_budgets"
+
+
+# ----------------------------------------------------------------------------- guidance glue
+
+
+def guidance_params(overrides: Mapping[str, Any] | None, base: Any = None) -> Any:
+    """``rollout.budget.GuidanceParams`` from ``base`` (default: the class defaults) + ``overrides``.
+
+    Unknown keys raise ``ValueError`` naming the nearest field (``model.budget_guidance_params``).
+    """
+    import dataclasses
+
+    from rewards.length import build_dataclass
+    from rollout.budget import GuidanceParams
+
+    kw = dict(overrides or {})
+    if "trigger_strings" in kw:
+        ts = kw["trigger_strings"]
+        kw["trigger_strings"] = (ts,) if isinstance(ts, str) else tuple(ts)
+    start = dataclasses.asdict(base) if base is not None else {}
+    return build_dataclass(GuidanceParams, {**start, **kw}, "model.budget_guidance_params")
+
+
+def check_predictor_dir(path: str | Path) -> Path:
+    """The predictor dir, or ``FileNotFoundError`` saying how to train one."""
+    from rollout.budget import CONFIG_FILE, WEIGHTS_FILE
+
+    root = Path(path)
+    if not (root / CONFIG_FILE).is_file() or not (root / WEIGHTS_FILE).is_file():
+        what = "does not exist" if not root.exists() else f"has no {CONFIG_FILE} + {WEIGHTS_FILE}"
+        raise FileNotFoundError(
+            f"budget predictor dir {str(root)!r} {what}; train one with "
+            f"`rlkit train-budget-predictor --model MODEL --out {root}`"
+        )
+    return root
+
+
+def build_guidance(engine: Any, path: str | Path, params: Mapping[str, Any] | None = None) -> Any:
+    """A :class:`rollout.budget.BudgetGuidance` for ``engine``'s model from the predictor at ``path``.
+
+    Guidance params: those saved with the predictor, then ``params``. Checks that the predictor
+    was trained for this model's shapes (hidden size, layers + 1, vocab) before any decoding.
+    """
+    from rollout.budget import BudgetGuidance, load_predictor
+
+    root = check_predictor_dir(path)
+    if not hasattr(engine, "logits_processors") or not hasattr(engine, "tokenizer"):
+        raise ValueError(f"budget guidance needs an engine with logits processors and hidden states "
+                         f"(engine.name=hf); {type(engine).__name__} has none")
+    predictor, meta = load_predictor(root, getattr(engine, "device", "cpu"))
+    model = engine.model
+    want = (int(model.config.hidden_size), int(model.config.num_hidden_layers) + 1,
+            int(model.get_output_embeddings().weight.shape[0]))
+    c = predictor.cfg
+    if (c.d_model, c.num_hidden_states, c.vocab_size) != want:
+        raise ValueError(
+            f"budget predictor {str(root)!r} was trained for another model: it reads (d_model, layers+1, "
+            f"vocab) = {(c.d_model, c.num_hidden_states, c.vocab_size)}, this model has {want} "
+            f"(predictor base model: {meta.get('base_model', '?')})"
+        )
+    saved = meta.get("guidance", {})
+    base = guidance_params(saved)
+    return BudgetGuidance(predictor, engine.tokenizer, guidance_params(params, base))
+
+
+def attach_budget_guidance(engine: Any, path: str | Path, params: Mapping[str, Any] | None = None) -> Any:
+    """Append budget guidance, last, to ``engine.logits_processors``; returns the processor.
+
+    It acts only on requests carrying a budget (``RolloutRequest.budget``), so unbudgeted
+    requests decode exactly as before (at the cost of the hidden-state outputs).
+    """
+    proc = build_guidance(engine, path, params)
+    engine.logits_processors.append(proc)
+    return proc
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def parse_budgets(text: str) -> list[int]:
+    """``"64,128,256"`` -> ``[64, 128, 256]`` (sorted, positive, distinct); ``ValueError`` otherwise.
+
+    >>> parse_budgets("128, 64")
+    [64, 128]
+    """
+    parts = [p.strip() for p in str(text).split(",")]
+    if not any(parts):
+        raise ValueError("--budgets is empty; give comma-separated token counts, e.g. --budgets 64,128,256")
+    out: list[int] = []
+    for p in parts:
+        try:
+            b = int(p)
+        except ValueError:
+            raise ValueError(f"--budgets: {p!r} is not an integer token count (e.g. --budgets 64,128,256)") from None
+        if b < 1:
+            raise ValueError(f"--budgets: every budget must be >= 1 token, got {b}")
+        if b in out:
+            raise ValueError(f"--budgets: {b} is listed twice")
+        out.append(b)
+    return sorted(out)
+
+
+def prompt_encoder(cfg: Any, tokenizer: Any) -> Callable[[dict, int | None], list[int]]:
+    """``encode(row, budget) -> prompt ids``: the config's prompt, with ``budget`` written in by
+    the ``data.budget`` template when the config has one (``max`` phrasing if ``max_prob > 0.5``)."""
+    from rlkit.data import format_prompt
+    from rlkit.models import apply_chat_template
+
+    d = cfg.data
+    bp = None
+    if d.budget is not None:
+        from rewards.budget_prompt import budget_params
+
+        bp = budget_params(d.budget)
+
+    def encode(row: dict, budget: int | None = None) -> list[int]:
+        msgs = format_prompt(row, d.system_prompt, d.prompt_template)
+        if budget is not None and bp is not None:
+            from rewards.budget_prompt import BudgetAssignment, apply_budget
+
+            msgs = apply_budget(msgs, BudgetAssignment(budget, "max" if bp.max_prob > 0.5 else "exact"), bp)
+        return apply_chat_template(tokenizer, msgs)
+
+    return encode
+
+
+class _Progress:
+    """A rich progress bar over problems x points on a terminal (stderr); a line per point always."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        from rich.console import Console
+
+        self.console = Console(file=sys.stderr)
+        self.enabled = enabled
+        self.bar = None
+        if enabled and self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]eval {task.description}"), BarColumn(bar_width=24),
+                                MofNCompleteColumn(), TimeRemainingColumn(), console=self.console)
+            self.task = self.bar.add_task("", total=total)
+            self.bar.start()
+
+    def describe(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, description=text)
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=n)
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text, highlight=False, markup=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def evaluate_budgets(
+    cfg: Any,
+    rows: list[dict],
+    encode: Callable[[dict, int | None], list[int]],
+    generate: Callable[[list], list],
+    budgets: Sequence[int],
+    guidance: Any = None,
+    *,
+    budget_in_prompt: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """One record per (mode, budget): ``{"mode", "budget", "budget_in_prompt", "guided_row_steps",
+    "time_s", **evaluate_rows(...)}`` (accuracy, tokens_mean, truncated_rate, ...).
+
+    ``guidance``: a ``BudgetGuidance`` processor, passed per request (``meta["logits_processors"]``)
+    for the guided mode only; None runs the unguided mode alone. ``budget_in_prompt``: call
+    ``encode(row, b)`` (budget text in the prompt) instead of ``encode(row, None)``.
+    """
+    from rlkit.evaluate import evaluate_rows
+
+    modes = list(MODES if guidance is not None else MODES[:1])
+    bar = _Progress(len(rows) * len(budgets) * len(modes), enabled=progress)
+    records: list[dict[str, Any]] = []
+    try:
+        for mode in modes:
+            for b in budgets:
+                guided = mode == "guided"
+                bar.describe(f"{mode} b={b}")
+                steps0 = guidance.guided_row_steps if guided else 0
+                t0 = time.perf_counter()
+                res = evaluate_rows(
+                    cfg, rows, lambda r, _b=b: encode(r, _b if budget_in_prompt else None), generate,
+                    max_new_tokens=b, budget=b if guided else None,
+                    request_meta={"logits_processors": [guidance]} if guided else None, on_batch=bar.advance,
+                )
+                rec = {"mode": mode, "budget": b, "budget_in_prompt": budget_in_prompt,
+                       "guided_row_steps": (guidance.guided_row_steps - steps0) if guided else 0,
+                       "time_s": time.perf_counter() - t0, **res}
+                records.append(rec)
+                bar.say(f"[eval] {mode:>8} b={b:<5} accuracy {rec['accuracy'] * 100:5.1f}%  "
+                        f"tokens {rec['tokens_mean']:6.1f}  truncated {rec['truncated_rate'] * 100:5.1f}%  "
+                        f"({rec['time_s']:.0f} s)")
+    finally:
+        bar.close()
+    return records
+
+
+def format_budget_table(records: Sequence[Mapping[str, Any]]) -> str:
+    """Plain-text table: one row per budget, accuracy / mean tokens / truncation per mode."""
+    modes = [m for m in MODES if any(r["mode"] == m for r in records)]
+    budgets = sorted({int(r["budget"]) for r in records})
+    by = {(r["mode"], int(r["budget"])): r for r in records}
+    head = f"{'budget':>7}" + "".join(f" | {m + ' acc':>13} {'tokens':>7} {'trunc':>6}" for m in modes)
+    lines = [head, "-" * len(head)]
+    for b in budgets:
+        cells = []
+        for m in modes:
+            r = by.get((m, b))
+            cells.append(" | " + (f"{r['accuracy'] * 100:>12.1f}% {r['tokens_mean']:>7.1f} "
+                                  f"{r['truncated_rate'] * 100:>5.1f}%" if r else f"{'-':>13} {'-':>7} {'-':>6}"))
+        lines.append(f"{b:>7}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def output_paths(out: str | None, default_dir: str | Path) -> tuple[Path, Path]:
+    """(json, png) paths: ``out`` ending in ``.json`` is the JSON file (PNG beside it, same stem);
+    any other ``out`` is a directory; None -> ``default_dir``. Names: ``eval_budgets.{json,png}``."""
+    if out is not None and out.endswith(".json"):
+        j = Path(out)
+        return j, j.with_suffix(".png")
+    d = Path(out) if out is not None else Path(default_dir)
+    return d / f"{REPORT_NAME}.json", d / f"{REPORT_NAME}.png"
+
+
+def write_budget_report(
+    records: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], json_path: Path, png_path: Path,
+) -> tuple[Path, Path]:
+    """Write ``{**meta, "records": records}`` as JSON and the accuracy-vs-tokens PNG."""
+    from rlkit.plot import plot_budget_curve
+
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({**meta, "records": list(records)}, indent=2))
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    title = f"accuracy vs tokens ({meta.get('problems', '?')} problems)"
+    plot_budget_curve(records, png_path, title=title)
+    return json_path, png_path
