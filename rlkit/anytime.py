@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 
 from rlkit.algorithms.brpo import BudgetPrior, SummaryPrompt, budget_rewards, plan_summary_prompts
-from rollout.engine import Completion, RolloutRequest, SamplingParams
+from rollout.engine import Completion, RolloutRequest, SamplingParams, split_per_request
 
 __all__ = ["AnytimeParams", "BRPORows", "SummarySample", "brpo_rows", "generate_once", "sample_summaries",
            "summary_scores", "thinking_params", "thinking_status"]
@@ -115,13 +115,9 @@ def generate_once(engines: Sequence[Any], requests: list[RolloutRequest]) -> lis
         idxs = list(range(k, len(requests), E))
         if not idxs:
             continue
-        comps = engine.generate([requests[i] for i in idxs])
-        off = 0
-        for i in idxs:
-            per_req[i] = comps[off : off + requests[i].params.n]
-            off += requests[i].params.n
-        if off != len(comps):
-            raise RuntimeError(f"engine {k} returned {len(comps)} completions, expected {off}")
+        sub = [requests[i] for i in idxs]
+        for i, cs in zip(idxs, split_per_request(sub, engine.generate(sub))):
+            per_req[i] = cs
     return [c for cs in per_req for c in cs]
 
 

@@ -87,6 +87,17 @@ class RolloutEngine(Protocol):
         ...
 
 
+def split_per_request(requests: list[RolloutRequest], completions: list[Completion]) -> list[list[Completion]]:
+    """Cut one engine call's flat completions into each request's ``params.n`` completions."""
+    out, off = [], 0
+    for r in requests:
+        out.append(completions[off : off + r.params.n])
+        off += r.params.n
+    if off != len(completions):
+        raise RuntimeError(f"engine returned {len(completions)} completions, expected {off}")
+    return out
+
+
 _ENGINES: dict[str, Any] = {}
 
 

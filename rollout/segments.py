@@ -54,7 +54,7 @@ from typing import Any, Literal
 
 import torch
 
-from rollout.engine import Completion, RolloutEngine, RolloutRequest, SamplingParams
+from rollout.engine import Completion, RolloutEngine, RolloutRequest, SamplingParams, split_per_request
 
 GenerateFn = Callable[[list[RolloutRequest]], list[Completion]]
 PromptSource = Callable[[int], list[tuple[list[int], Any]]]
@@ -290,13 +290,9 @@ def shard_generate(engines: Sequence[RolloutEngine]) -> GenerateFn:
         for eng, idx in zip(engines, shards):
             if not idx:
                 continue
-            comps = eng.generate([requests[i] for i in idx])
-            off = 0
-            for i in idx:
-                per_req[i] = comps[off : off + requests[i].params.n]
-                off += requests[i].params.n
-            if off != len(comps):
-                raise RuntimeError(f"engine returned {len(comps)} completions for {off} rows")
+            sub = [requests[i] for i in idx]
+            for i, cs in zip(idx, split_per_request(sub, eng.generate(sub))):
+                per_req[i] = cs
         return [c for cs in per_req for c in cs]
 
     return generate
