@@ -34,7 +34,7 @@ from torch import Tensor
 from rlkit.algorithms.advantages import GRPOParams, grpo_advantage
 from rlkit.algorithms.aggregation import masked_mean
 from rlkit.algorithms.groups import group_index
-from rlkit.algorithms.losses import LOG_RATIO_CLAMP, _clipped_surrogate
+from rlkit.algorithms.losses import LOG_RATIO_CLAMP, _clipped_surrogate, dual_clip
 from rlkit.algorithms.registry import register_advantage, register_policy_loss
 from rlkit.algorithms.types import AdvantageInputs, PolicyLossInputs
 
@@ -370,12 +370,7 @@ def hapo_loss(inp: PolicyLossInputs, p: HAPOLossParams) -> tuple[Tensor, dict[st
             )
 
     loss_BT, clipped_BT = _clipped_surrogate(advantages_BT, ratio_BT, eps_low_BT, eps_high_BT)
-    dual_clipped_BT = torch.zeros_like(clipped_BT)
-    if p.clip_ratio_c is not None:
-        cap_BT = -advantages_BT * p.clip_ratio_c
-        negative_BT = advantages_BT < 0
-        dual_clipped_BT = negative_BT & (loss_BT > cap_BT)
-        loss_BT = torch.where(negative_BT, torch.minimum(loss_BT, cap_BT), loss_BT)
+    loss_BT, dual_clipped_BT = dual_clip(loss_BT, advantages_BT, p.clip_ratio_c)
 
     with torch.no_grad():
         ratio_d_BT = ratio_BT.detach()

@@ -77,6 +77,20 @@ def _clipped_surrogate(
     return torch.maximum(unclipped_BT, clipped_BT), clipped_BT > unclipped_BT
 
 
+def dual_clip(loss_BT: Tensor, advantages_BT: Tensor, clip_c: float | None) -> tuple[Tensor, Tensor]:
+    """Dual clip (Ye et al. 2020): where ``A < 0`` cap the token loss at ``-A * clip_c``.
+
+    For a negative advantage a huge ratio would give an unbounded loss. Returns the capped loss
+    and a bool [B, T] of tokens the cap changed (all False when ``clip_c`` is None).
+    """
+    if clip_c is None:
+        return loss_BT, torch.zeros_like(loss_BT, dtype=torch.bool)
+    cap_BT = -advantages_BT * clip_c
+    negative_BT = advantages_BT < 0
+    capped_BT = negative_BT & (loss_BT > cap_BT)
+    return torch.where(negative_BT, torch.minimum(loss_BT, cap_BT), loss_BT), capped_BT
+
+
 @register_policy_loss("ppo_clip", params=PPOClipParams)
 def ppo_clip_loss(inp: PolicyLossInputs, p: PPOClipParams) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO-clip token loss with decoupled clip range and dual clip (spec §0; DAPO §7.1).
@@ -94,13 +108,7 @@ def ppo_clip_loss(inp: PolicyLossInputs, p: PPOClipParams) -> tuple[Tensor, dict
     advantages_BT = inp.advantages_BT.to(ratio_BT.dtype)
 
     loss_BT, clipped_BT = _clipped_surrogate(advantages_BT, ratio_BT, p.clip_low, p.clip_high)
-    dual_clipped_BT = torch.zeros_like(clipped_BT)
-    if p.clip_c is not None:
-        # Dual clip (Ye et al. 2020): for A < 0 a huge ratio would give an unbounded loss; cap it.
-        cap_BT = -advantages_BT * p.clip_c
-        negative_BT = advantages_BT < 0
-        dual_clipped_BT = negative_BT & (loss_BT > cap_BT)
-        loss_BT = torch.where(negative_BT, torch.minimum(loss_BT, cap_BT), loss_BT)
+    loss_BT, dual_clipped_BT = dual_clip(loss_BT, advantages_BT, p.clip_c)
 
     with torch.no_grad():
         metrics = {

@@ -250,7 +250,7 @@ class TorchLearner:
         self.loss_params = POLICY_LOSSES.build_params(algo_cfg.policy_loss, algo_cfg.loss_params)
         # a prompt KV cache cannot be built under gradient checkpointing (HF drops use_cache)
         self.share_prompt = learner_cfg.share_prompt and not model_cfg.gradient_checkpointing
-        self._collect_entropy, self._entropies = False, []  # per-token entropies of the last step
+        self._entropies: list[Tensor] = []  # per-token entropies of the last step (first epoch)
         self.num_params = sum(p.numel() for p in self.model.parameters())
         self.num_trainable = sum(p.numel() for p in params)
 
@@ -286,8 +286,7 @@ class TorchLearner:
         schedule = update_schedule(len(batch), self.train_cfg, int(self.scheduler.last_epoch))
         self._entropies = []
         for epoch, rows in schedule:
-            self._collect_entropy = epoch == 0
-            for k, v in self._update(batch, rows, norm_length, on_policy).items():
+            for k, v in self._update(batch, rows, norm_length, on_policy, collect_entropy=epoch == 0).items():
                 sums[k] = sums.get(k, 0.0) + v
         n_updates = len(schedule)
         self.scheduler.step()
@@ -296,7 +295,8 @@ class TorchLearner:
         metrics["time/train_s"] = time.perf_counter() - t0
         return metrics
 
-    def _update(self, batch: TrainBatch, rows: list[int], norm_length: float, on_policy: bool) -> dict[str, float]:
+    def _update(self, batch: TrainBatch, rows: list[int], norm_length: float, on_policy: bool,
+                collect_entropy: bool = False) -> dict[str, float]:
         agg = aggregation_counts(batch, rows, norm_length)
         self.optimizer.zero_grad(set_to_none=True)
         acc: dict[str, float] = {}
@@ -305,7 +305,7 @@ class TorchLearner:
             out = micro_batch_loss(self.model, mb, self.loss_entry.fn, self.loss_params, self.algo, agg,
                                    on_policy=on_policy, share_prompt=self.share_prompt)
             out.loss.backward()
-            if self._collect_entropy:
+            if collect_entropy:
                 self._entropies.append(out.entropy_tokens)
             for k, v in out.metrics.items():
                 acc[k] = acc.get(k, 0.0) + v
@@ -325,7 +325,7 @@ class TorchLearner:
         """
         from rlkit.algorithms.hapo import hapo_sampling_stats
 
-        ents = getattr(self, "_entropies", [])
+        ents = self._entropies
         if not ents:
             return None
         stats = hapo_sampling_stats(torch.cat(ents), pivot=pivot, replicate_release_sign=replicate_release_sign)
