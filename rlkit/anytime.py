@@ -6,7 +6,7 @@ Flow of one BRPO step (the math is in :mod:`rlkit.algorithms.brpo`)::
     thinking = generate(engines, [RolloutRequest(q, think, group_id=g) ...])
     summaries = sample_summaries(engines, thinking, ap, tokenizer=tok, seed=step_seed)   # ONE call
     correct = verifier([s.completion.text for s in summaries], ...)   # per summary, 0/1
-    rows = brpo_rows(thinking, group_ids, summaries, correct, ap, think_end=...)
+    rows = brpo_rows(thinking, group_ids, summaries, summary_scores(summaries, correct, ap.think_end), ap)
     batch = build_batch(rows.prompts, rows.responses, pad_id=..., rollout_logprobs=rows.logprobs)
     AdvantageInputs(rows.rewards_B, rows.group_ids_B, batch.response_mask_BT, extras=rows.extras)
 
@@ -14,7 +14,8 @@ Engines are ``RolloutEngine`` objects or Ray actor handles of them (as in
 :func:`rlkit.experience.generate`); every summary of the batch goes out in one ``generate`` call
 per engine. A summary scores 1 when the verifier accepts it and the whole trace has exactly one
 think-end marker (the summary itself must not emit another one); summaries of a thinking that
-ended with EOS are not sampled and score 0.
+ended with EOS are not sampled and score 0 (unless ``eos_ends_thinking``). The trainer runs this
+flow through :mod:`rlkit.anytime_collect`.
 """
 
 from __future__ import annotations
@@ -23,54 +24,20 @@ import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from rlkit.algorithms.brpo import BudgetPrior, SummaryPrompt, budget_rewards, plan_summary_prompts
+from rlkit.algorithms.brpo import AnytimeParams, SummaryPrompt, budget_rewards, plan_summary_prompts
 from rollout.engine import Completion, RolloutRequest, SamplingParams, split_per_request
 
 __all__ = ["AnytimeParams", "BRPORows", "SummarySample", "brpo_rows", "generate_once", "sample_summaries",
            "summary_scores", "thinking_params", "thinking_status"]
 
 
-@dataclass(frozen=True)
-class AnytimeParams:
-    """AnytimeReasoner rollout settings (proposed config block ``algorithm.anytime``).
-
-    Attributes:
-        b_max, n_support, budget_probs: the budget prior (spec §6b; paper 8000, 4, linear/uniform).
-        n_summary: summaries ``A`` per budget (paper 4; 1 is the GRPO baseline).
-        summary_max_new_tokens: summary length cap (paper 128 - 10).
-        think_end: marker closing the thinking (stop string of the thinking rollout).
-        truncation_text: inserted after a cut thinking (it closes the thinking).
-        answer_delimiter: inserted before every summary.
-    """
-
-    b_max: int = 8000
-    n_support: int = 4
-    budget_probs: Literal["uniform", "linear", "base"] = "uniform"
-    n_summary: int = 4
-    summary_max_new_tokens: int = 118
-    think_end: str = "</think>"
-    truncation_text: str = "...\n\n...\n\n</think>"
-    answer_delimiter: str = "\n\n**Final Answer**\n"
-
-    def __post_init__(self) -> None:
-        if self.n_summary < 1 or self.summary_max_new_tokens < 1:
-            raise ValueError("anytime.n_summary and anytime.summary_max_new_tokens must be >= 1")
-        if not self.think_end:
-            raise ValueError("anytime.think_end must be a non-empty string")
-
-    @property
-    def prior(self) -> BudgetPrior:
-        return BudgetPrior(self.b_max, self.n_support, self.budget_probs)
-
-
 def thinking_params(base: SamplingParams, ap: AnytimeParams) -> SamplingParams:
     """Sampling params of the thinking rollout: at most ``b_max`` tokens, stop at ``think_end``."""
-    stop = base.stop if ap.think_end in base.stop else (*base.stop, ap.think_end)
-    return dataclasses.replace(base, max_new_tokens=ap.b_max, stop=stop)
+    return ap.rollout_params(base)
 
 
 def thinking_status(c: Completion, think_end: str, eos_ids: Sequence[int]) -> tuple[bool, bool]:
@@ -99,12 +66,17 @@ def _seed(*parts: Any) -> int:
 def generate_once(engines: Sequence[Any], requests: list[RolloutRequest]) -> list[Completion]:
     """One ``generate`` call per engine (round-robin shards), completions in request order.
 
-    Ray actor handles go through :func:`rlkit.experience.generate`; plain engines are called here.
+    ``engines``: a list of plain engines (called here) or Ray actor handles, or the trainer's
+    engine pool; the last two go through :func:`rlkit.experience.generate`.
     """
-    if not engines:
-        raise ValueError("generate_once needs at least one engine")
     if not requests:
         return []
+    if not isinstance(engines, (list, tuple)):  # the trainer's EnginePool: sharded, dead engines retried
+        from rlkit.experience import generate
+
+        return generate(engines, requests)[0]
+    if not engines:
+        raise ValueError("generate_once needs at least one engine")
     if hasattr(getattr(engines[0], "generate", None), "remote"):
         from rlkit.experience import generate
 
@@ -134,7 +106,7 @@ def sample_summaries(
     """Sample ``n_summary`` summaries per budget for every thinking, in one engine call.
 
     Args:
-        engines: ``RolloutEngine`` objects or Ray handles.
+        engines: ``RolloutEngine`` objects or Ray handles (a list), or the trainer's engine pool.
         thinking: thinking completions (``prompt_ids`` = question).
         ap: :class:`AnytimeParams`.
         tokenizer: encodes the inserted texts (``add_special_tokens=False``).
@@ -158,7 +130,10 @@ def sample_summaries(
     keys: list[tuple[int, int]] = []
     for n, c in enumerate(thinking):
         closed, eos_ended = thinking_status(c, ap.think_end, eos_ids)
-        plan = plan_summary_prompts(c.prompt_ids, c.token_ids, budgets, closed=closed,
+        z = list(c.token_ids)
+        if eos_ended and ap.eos_ends_thinking:  # the plain response is the thinking: summarise its end
+            closed, eos_ended, z = True, False, z[:-1]
+        plan = plan_summary_prompts(c.prompt_ids, z, budgets, closed=closed,
                                     truncation_ids=trunc, answer_ids=answer, eos_ended=eos_ended)
         plans.append(plan)
         for k, sp in enumerate(plan):

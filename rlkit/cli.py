@@ -143,6 +143,22 @@ def _cmd_train_budget_predictor(argv: list[str]) -> int:
         return 2
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from rlkit.compare import compare_runs, format_markdown, plot_compare
+
+    try:
+        rows = compare_runs(args.run_dirs, tail=args.tail)
+    except FileNotFoundError as e:
+        print(f"rlkit: {e}", file=sys.stderr)
+        return 2
+    print(format_markdown(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    if args.png:
+        print(f"wrote {plot_compare(args.run_dirs, args.png)}")
+    return 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from rlkit.plot import plot_run
 
@@ -168,8 +184,15 @@ def _cmd_config(args: argparse.Namespace) -> int:
     from rlkit.config import describe, load_config
 
     if args.reference:
+        from rlkit.algorithms import ADVANTAGES, POLICY_LOSSES
+
         for key, default, desc in describe():
             print(f"{key:<45} {default:<28} {desc}")
+        for reg, key, sel in ((ADVANTAGES, "algorithm.advantage_params", "advantage"),
+                              (POLICY_LOSSES, "algorithm.loss_params", "policy_loss")):
+            print(f"\n{key} (keys of the chosen algorithm.{sel}):")
+            for name, field, default, desc in reg.describe_params():
+                print(f"{f'{key}.{field} [{name}]':<45} {default:<28} {desc}")
         return 0
     cfg = load_config(args.recipe, args.overrides)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -228,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="write PNG curves of a run")
     p.add_argument("run_dir")
     p.set_defaults(fn=_cmd_plot)
+    cp = sub.add_parser("compare", help="table (markdown) + overlaid curves of several runs; the first is the baseline")
+    cp.add_argument("run_dirs", nargs="+")
+    cp.add_argument("--png", help="write the overlaid reward / accuracy / length curves here")
+    cp.add_argument("--json", help="write the table rows as JSON here")
+    cp.add_argument("--tail", type=int, default=3, help="training metrics are averaged over the last N steps")
+    cp.set_defaults(fn=_cmd_compare)
     i = sub.add_parser("inspect", help="write an HTML page of sampled responses coloured by per-token advantage")
     i.add_argument("run_dir")
     i.add_argument("--step", type=int, help="training step to show (default: the latest dump)")

@@ -89,8 +89,26 @@ class AdaptiveTemperatureConfig(_Section):
     replicate_release_sign: bool = Field(False, description="Reproduce the released code's sign of h_hat.")
 
 
+class VLLMConfig(_Section):
+    """Settings read only by the vLLM engine (``engine.name: vllm``, rollout.vllm.VLLMEngine)."""
+
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0.0, le=1.0, description="Share of each GPU vLLM may take for weights + KV cache (lower it "
+        "when the learner shares the GPU: cluster.placement=colocated).")
+    max_model_len: int | None = Field(None, ge=1, description="Context length (prompt + response); None = the model's.")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs (faster start, slower decoding).")
+    enable_sleep_mode: bool | None = Field(
+        None, description="Allow sleep/wake (weights to host memory between rollouts); None = on with CUDA.")
+    weight_bucket_mb: float = Field(512.0, gt=0.0, description="Largest bucket of whole layers sent per weight reload.")
+    in_process: bool = Field(
+        True, description="Run vLLM's engine core inside the engine actor (weights reach it without serialisation); "
+        "false = vLLM's own engine-core process.")
+    llm_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="More vllm.LLM keyword arguments, passed as is (expert knobs).")
+
+
 class EngineConfig(_Section):
-    name: str = Field("hf", description="Rollout engine: hf (CPU/GPU transformers) or vllm.")
+    name: str = Field("hf", description="Rollout engine: hf (CPU/GPU transformers) or vllm (pip install 'rlkit[gpu]').")
     num_engines: int = Field(1, ge=1)
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(1.0, ge=0.0)
@@ -98,7 +116,9 @@ class EngineConfig(_Section):
     top_k: int = Field(0, ge=0)
     stop: list[str] = Field(default_factory=list)
     max_batch_size: int = Field(64, ge=1, description="Sequences decoded together.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (vllm); cluster.engine_gpus = num_engines x this.")
     adaptive_temperature: AdaptiveTemperatureConfig = Field(default_factory=AdaptiveTemperatureConfig)
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
 
 
 class DeepSpeedConfig(_Section):
@@ -251,9 +271,21 @@ class EvalConfig(_Section):
 
 
 class ClusterConfig(_Section):
-    address: str | None = Field(None, description="Ray address to join; None = local, loopback.")
-    num_cpus: int | None = Field(None, ge=1)
-    dashboard: bool = False
+    """Ray cluster, placement of the roles and fault tolerance (rlkit.orchestration.placement)."""
+
+    address: str | None = Field(None, description="Ray cluster to join (host:port, 'auto'); None = $RAY_ADDRESS "
+                                "if set (ray job submit), else a local loopback Ray.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray; default all cores (at least 2).")
+    dashboard: bool = Field(False, description="Start the Ray dashboard with the local Ray.")
+    placement: Literal["colocated", "split"] = Field(
+        "colocated", description="colocated: learner rank i and engine i share GPU i (on CPU: one shared CPU); "
+        "split: each role gets its own GPUs (on CPU: one CPU per actor).")
+    learner_gpus: int = Field(0, ge=0, description="GPUs for the learner, one per learner.num_ranks (deepspeed); 0 = CPU.")
+    engine_gpus: int = Field(0, ge=0, description="GPUs for the engines: num_engines x tensor_parallel_size; 0 = CPU.")
+    placement_timeout_s: float = Field(600.0, gt=0.0, description="Wait this long for the placement groups' resources.")
+    max_actor_restarts: int = Field(
+        3, ge=0, description="Times each rollout engine actor may die and be recreated (re-synced to the current "
+        "weights, its requests retried) before the run fails.")
 
 
 class SegmentsConfig(_Section):
@@ -315,7 +347,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Config:
-        _check_combinations(self)
+        from rlkit.config_checks import check_combinations
+
+        check_combinations(self)
         return self
 
     @property
@@ -325,53 +359,6 @@ class Config(_Section):
     @property
     def samples_per_step(self) -> int:
         return self.train.prompts_per_step * self.train.samples_per_prompt
-
-
-def _check_combinations(c: Config) -> None:
-    t, a = c.train, c.algorithm
-    if a.dynamic_sampling.enabled and t.samples_per_prompt < 2:
-        raise ValueError(
-            "algorithm.dynamic_sampling.enabled needs train.samples_per_prompt >= 2 "
-            "(a group of one has no reward variance)"
-        )
-    if c.samples_per_step % t.mini_batches:
-        raise ValueError(
-            f"train.mini_batches={t.mini_batches} must divide prompts_per_step*samples_per_prompt"
-            f"={c.samples_per_step}"
-        )
-    if a.kl.beta > 0 and c.learner.name != "torch" and c.model.lora.rank == 0:
-        raise ValueError("algorithm.kl.beta > 0 with the deepspeed learner needs model.lora.rank > 0")
-    if isinstance(c.data.eval_size, float) and not 0 < c.data.eval_size < 1:
-        raise ValueError("data.eval_size as a float must be a fraction in (0, 1)")
-    if c.data.source in ("jsonl", "parquet", "hf") and not c.data.path:
-        raise ValueError(f"data.path is required when data.source is {c.data.source!r}")
-    if not c.reward.verifiers:
-        raise ValueError("reward.verifiers must name at least one verifier")
-    if c.segments.enabled:
-        _check_segments(c)
-
-
-def _check_segments(c: Config) -> None:
-    s, a = c.segments, c.algorithm
-    seg_len, max_len = s.resolved_seg_len(c.engine.max_new_tokens), c.engine.max_new_tokens
-    if seg_len > max_len:
-        raise ValueError(f"segments.seg_len={seg_len} must be <= engine.max_new_tokens={max_len} "
-                         "(the global max response length)")
-    if s.importance == "sais" and a.old_logprobs != "rollout":
-        raise ValueError("segments.importance=sais divides by each segment's behaviour log-probs: "
-                         f"set algorithm.old_logprobs=rollout (got {a.old_logprobs!r})")
-    if s.importance == "pois" and a.old_logprobs == "rollout":
-        raise ValueError("segments.importance=pois recomputes old log-probs with the current policy: "
-                         "set algorithm.old_logprobs=auto or recompute (got 'rollout')")
-    if s.max_inflight_groups is not None and s.max_inflight_groups < c.train.prompts_per_step:
-        raise ValueError(f"segments.max_inflight_groups={s.max_inflight_groups} must be >= "
-                         f"train.prompts_per_step={c.train.prompts_per_step}, else a step may never fill")
-    if s.group_mode == "siblings" and a.dynamic_sampling.enabled:
-        raise ValueError("segments.group_mode=siblings does not combine with algorithm.dynamic_sampling "
-                         "(a partial group's reward variance is unknown); use group_mode=complete")
-    if c.data.budget is not None or c.engine.adaptive_temperature.enabled:
-        raise ValueError("segments.enabled does not support data.budget or engine.adaptive_temperature yet "
-                         "(segment requests carry no per-request budget or logits processors)")
 
 
 # ----------------------------------------------------------------------------- errors
@@ -472,24 +459,52 @@ def _resolve_group(entry: str, search: list[Path]) -> Path:
 
 
 def compose(recipe: str | Path | None, overrides: list[str] = ()) -> dict:
-    """Merge config groups, the recipe and dotted overrides into one raw dict (not validated)."""
+    """Merge config groups, the recipe and dotted overrides into one raw dict (not validated).
+
+    A recipe may start from another one: ``extends: quickstart.yaml`` (a path relative to the recipe).
+    Its ``defaults`` entries replace the parent's entry of the same group (``algorithm/tempo`` replaces
+    ``algorithm/grpo``) or are appended; then the groups, the parent's body and this body are merged.
+    """
     raw: dict = {}
-    body: dict = {}
-    search = [default_configs_dir()]
     if recipe is not None:
         rp = Path(recipe)
         if not rp.is_file():
             raise ConfigError(f"recipe not found: {rp}")
-        body = _read_yaml(rp)
-        search.insert(0, rp.resolve().parent.parent / "configs")
-    for entry in body.pop("defaults", []) or []:
-        group = entry.split("/", 1)[0]
-        part = _read_yaml(_resolve_group(entry, search))
-        raw = deep_merge(raw, {group: part} if group in Config.model_fields else part)
-    raw = deep_merge(raw, body)
+        defaults, bodies = _recipe_chain(rp, ())
+        search = [rp.resolve().parent.parent / "configs", default_configs_dir()]
+        for entry, _ in defaults:
+            group = entry.split("/", 1)[0]
+            part = _read_yaml(_resolve_group(entry, search))
+            raw = deep_merge(raw, {group: part} if group in Config.model_fields else part)
+        for body in bodies:
+            raw = deep_merge(raw, body)
     for ov in overrides:
         raw = deep_merge(raw, parse_override(ov))
     return raw
+
+
+def _recipe_chain(rp: Path, chain: tuple[Path, ...]) -> tuple[list[tuple[str, str]], list[dict]]:
+    """(defaults as (entry, group), bodies parent-first) of ``rp`` and the recipes it extends."""
+    body = _read_yaml(rp)
+    parent = body.pop("extends", None)
+    own = body.pop("defaults", []) or []
+    defaults: list[tuple[str, str]] = []
+    bodies: list[dict] = []
+    if parent is not None:
+        pp = (rp.parent / str(parent)).resolve()
+        if not pp.is_file():
+            raise ConfigError(f"{rp}: extends: recipe not found: {pp}")
+        if pp in chain or pp == rp.resolve():
+            raise ConfigError(f"{rp}: extends: cycle through {pp}")
+        defaults, bodies = _recipe_chain(pp, (*chain, rp.resolve()))
+    for entry in own:
+        group = str(entry).split("/", 1)[0]
+        at = [i for i, (_, g) in enumerate(defaults) if g == group]
+        if at:
+            defaults[at[0]] = (str(entry), group)
+        else:
+            defaults.append((str(entry), group))
+    return defaults, [*bodies, body]
 
 
 def parse_override(ov: str) -> dict:
@@ -512,83 +527,15 @@ def build(raw: dict) -> Config:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e)) from None
-    _check_registries(cfg)
+    from rlkit.config_checks import check_registries
+
+    check_registries(cfg)
     return cfg
 
 
 def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> Config:
     """Compose, validate and check names against the registries. Never loads a model."""
     return build(compose(recipe, overrides))
-
-
-def _check_registries(cfg: Config) -> None:
-    from rlkit.algorithms import ADVANTAGES, POLICY_LOSSES
-
-    a = cfg.algorithm
-    for reg, key, name, params_key, kwargs in (
-        (ADVANTAGES, "algorithm.advantage", a.advantage, "algorithm.advantage_params", a.advantage_params),
-        (POLICY_LOSSES, "algorithm.policy_loss", a.policy_loss, "algorithm.loss_params", a.loss_params),
-    ):
-        try:
-            reg.get(name)
-        except KeyError as e:
-            raise ConfigError(f"{key}: {e.args[0]}") from None
-        try:
-            reg.build_params(name, kwargs)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"{params_key}: {e}") from None
-    if ADVANTAGES.resolve(a.advantage) == "brpo":
-        raise ConfigError(
-            "algorithm.advantage: 'brpo' needs the AnytimeReasoner rollout (thinking truncated at each "
-            "budget + summaries), which `rlkit train` does not run yet; use rlkit.anytime.brpo_rows with "
-            "rlkit.algorithms.brpo from Python for now"
-        )
-    from rlkit.algorithms import LOSS_MASKS
-
-    for name, kwargs in a.loss_mask.items():
-        try:
-            LOSS_MASKS.build_params(name, kwargs)
-        except KeyError as e:
-            raise ConfigError(f"algorithm.loss_mask: {e.args[0]}") from None
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"algorithm.loss_mask.{name}: {e}") from None
-    _check_plugin_params(cfg)
-    import rewards
-
-    rewards.load_plugins(cfg.reward.plugins)
-    known = rewards.list_rewards() + rewards.registry.entry_point_names()  # entry points: not imported
-    for i, v in enumerate(cfg.reward.verifiers):
-        if ":" in v.name:
-            continue  # resolved (and imported) by the reward workers
-        if v.name not in known:
-            hint = nearest(v.name, known)
-            raise ConfigError(
-                f"reward.verifiers.{i}.name: unknown verifier '{v.name}'"
-                + (f"; did you mean '{hint}'?" if hint else "")
-                + f" (registered: {', '.join(known)})"
-            )
-    labels = [v.label or (v.name.rpartition(":")[2] if ":" in v.name else v.name) for v in cfg.reward.verifiers]
-    dupes = sorted({x for x in labels if labels.count(x) > 1})
-    if dupes:
-        raise ConfigError(f"reward.verifiers: duplicate metric names {dupes}; give each a distinct 'label'")
-
-
-def _check_plugin_params(cfg: Config) -> None:
-    """Validate the dict-valued blocks read by method modules (probes, length shapers, budgets)."""
-    from rewards.budget_prompt import budget_params
-    from rewards.length import LengthShaping, build_dataclass
-    from rlkit.probes import ProbeParams
-
-    checks = [("algorithm.step_probe", lambda: build_dataclass(ProbeParams, cfg.algorithm.step_probe, "step_probe")),
-              ("reward.length_shapers", lambda: LengthShaping.from_config(cfg.reward.length_shapers))]
-    if cfg.data.budget is not None:
-        checks.append(("data.budget", lambda: budget_params(cfg.data.budget)))
-    for key, fn in checks:
-        try:
-            fn()
-        except (ValueError, TypeError, KeyError) as e:
-            msg = e.args[0] if e.args else str(e)
-            raise ConfigError(f"{key}: {msg}") from None
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

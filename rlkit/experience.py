@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,9 +59,17 @@ def sampling_params(cfg: Config, *, n: int, seed: int, greedy: bool = False, max
 
 
 def generate(engines, requests: list[RolloutRequest]) -> tuple[list[Completion], float]:
-    """Shard requests over engine actors (round-robin by request); keep request order."""
+    """Shard requests over engine actors (round-robin by request); keep request order.
+
+    ``engines``: an :class:`~rlkit.orchestration.engine_pool.EnginePool` (a dead engine is
+    recreated and its shard retried) or a list of ``RolloutWorker`` handles.
+    """
     import ray
 
+    from rlkit.orchestration.engine_pool import EnginePool
+
+    if isinstance(engines, EnginePool):
+        return engines.generate(requests)
     shards = [requests[i :: len(engines)] for i in range(len(engines))]
     futs = [e.generate.remote(s) for e, s in zip(engines, shards) if s]
     results = ray.get(futs)
@@ -225,12 +234,14 @@ def rollout_metrics(groups: list[Group], acc_key: str | None) -> dict[str, float
 
 
 def collect(step: int, cfg: Config, engines, cursor, rows, encode, manager, tracker_print=None, *,
-            shaping=None, acc_key: str | None = None, request_meta: dict[str, Any] | None = None):
+            shaping=None, acc_key: str | None = None, request_meta: dict[str, Any] | None = None,
+            params_fn: Callable[[SamplingParams], SamplingParams] | None = None):
     """Generate and score until the step has ``prompts_per_step`` groups (DAPO refill if enabled).
 
     Returns (kept groups, all generated groups, metrics). ``encode(row, budget) -> prompt token
     ids``; budgets (``data.budget``) are a pure function of (seed, step, row index). ``shaping``
-    adds length-aware reward terms; ``request_meta`` goes into every request (logits processors).
+    adds length-aware reward terms; ``request_meta`` goes into every request (logits processors);
+    ``params_fn`` adapts the sampling params (BRPO's thinking: stop at ``</think>``, ``b_max`` tokens).
     """
     budget_p = None
     if cfg.data.budget is not None:
@@ -254,6 +265,8 @@ def collect(step: int, cfg: Config, engines, cursor, rows, encode, manager, trac
 
             budgets = sample_budgets(budget_p, seed=cfg.seed, step=step, prompt_keys=idx)
         params = sampling_params(cfg, n=t.samples_per_prompt, seed=step_seed(cfg.seed, step, rounds))
+        if params_fn is not None:
+            params = params_fn(params)
         reqs = [RolloutRequest(prompt_ids=encode(r, b), params=params, group_id=k,
                                budget=None if b is None else b.budget, meta=dict(request_meta or {}))
                 for k, (r, b) in enumerate(zip(batch_rows, budgets))]

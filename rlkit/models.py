@@ -82,10 +82,12 @@ def _is_hf_dir(path: Path) -> bool:
 def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
     """Return a local HF model directory for ``name``.
 
-    ``name`` is an existing local directory (returned as is) or a built-in alias (see
+    ``name`` is an existing local directory (returned as is), a built-in alias (see
     ``BUILTIN_MODELS``), converted on first use into ``cache_dir/<alias>`` (default:
-    ``default_cache_dir()``). Anything else raises ``FileNotFoundError`` naming the aliases and
-    the nearest one, since no model hub is reachable.
+    ``default_cache_dir()``), or a Hugging Face Hub id (``org/name``), fetched into the HF cache
+    (``HF_HOME``; on several nodes put it on a shared filesystem, since the engines and learner ranks
+    load from the returned path). Anything else raises ``FileNotFoundError`` naming the aliases and
+    the nearest one.
     """
     path = Path(name).expanduser()
     if path.is_dir():
@@ -99,6 +101,8 @@ def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
         if not _is_hf_dir(target):
             _convert_builtin(alias, target)
         return str(target)
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return _hub_snapshot(name)
     candidates = list(BUILTIN_MODELS) + list(_ALIAS_SYNONYMS)
     near = difflib.get_close_matches(name.lower(), candidates, n=1, cutoff=0.3)
     hint = f" Did you mean {_ALIAS_SYNONYMS.get(near[0], near[0])!r}?" if near else ""
@@ -106,6 +110,21 @@ def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
         f"model {name!r} is neither a local directory nor a built-in alias (no model hub access "
         f"on this machine). Built-in aliases: {sorted(BUILTIN_MODELS)}.{hint}"
     )
+
+
+def _hub_snapshot(repo_id: str) -> str:
+    """Local snapshot of a Hub model (weights, config, tokenizer files); honours ``HF_HUB_OFFLINE``."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                          "*.jinja", "*.tiktoken"])
+    except Exception as e:  # offline, unknown repo, gated: say what to do instead
+        raise FileNotFoundError(
+            f"model.name={repo_id!r}: not a local directory, and the Hugging Face Hub snapshot failed "
+            f"({type(e).__name__}: {e}). Download it where the hub is reachable "
+            f"(`huggingface-cli download {repo_id}`) and set model.name to that directory, or to a built-in "
+            f"alias: {sorted(BUILTIN_MODELS)}") from None
 
 
 def _builtin_gguf(alias: str) -> tuple[Path, str]:

@@ -181,9 +181,16 @@ def call_engines(engines: Any, requests: list[RolloutRequest], prefixes: list[li
 
     ``engines``: one engine or a list; each a local :class:`rollout.engine.RolloutEngine` or a Ray
     actor handle of :class:`rlkit.orchestration.ray_actors.RolloutWorker` (whose ``generate``
-    returns ``(completions, seconds)``). On actors the two kinds are submitted together and run
-    concurrently. Returns (completions per request, logprobs per continuation, engine calls made).
+    returns ``(completions, seconds)``); or the trainer's
+    :class:`~rlkit.orchestration.engine_pool.EnginePool` (dead engines recreated, retried). On
+    actors the two kinds are submitted together and run concurrently. Returns (completions per
+    request, logprobs per continuation, engine calls made).
     """
+    from rlkit.orchestration.engine_pool import Call, EnginePool
+
+    pool = engines if isinstance(engines, EnginePool) else None  # its calls survive engine deaths
+    if pool is not None:
+        engines = pool.actors
     engines = list(engines) if isinstance(engines, (list, tuple)) else [engines]
     if not engines:
         raise ValueError("no engines to probe with")
@@ -196,11 +203,15 @@ def call_engines(engines: Any, requests: list[RolloutRequest], prefixes: list[li
     if any(actors) and not all(actors):
         raise TypeError("mix of Ray actor handles and local engines; pass one kind")
     if all(actors):
-        import ray
+        if pool is not None:
+            res = pool.run([Call(s, "generate", (gen_shards[s],)) for s, _ in gen_jobs]
+                           + [Call(s, "score", score_shards[s]) for s, _ in score_jobs])
+        else:
+            import ray
 
-        futs = [e.generate.remote(gen_shards[s]) for s, e in gen_jobs]
-        futs += [e.score.remote(*score_shards[s]) for s, e in score_jobs]
-        res = ray.get(futs)
+            futs = [e.generate.remote(gen_shards[s]) for s, e in gen_jobs]
+            futs += [e.score.remote(*score_shards[s]) for s, e in score_jobs]
+            res = ray.get(futs)
         gen_res = [r[0] for r in res[: len(gen_jobs)]]
         score_res = res[len(gen_jobs):]
     else:

@@ -63,11 +63,17 @@ class Trainer:
         self.cursor = PromptCursor(len(self.train_rows), cfg.seed, shuffle=d.shuffle)
         self._prompt_cache: dict[int, list[int]] = {}
         self.manager = RewardManager.from_config(cfg.reward)
-        names = [v.name for v in cfg.reward.verifiers]
-        self.acc_key = "math" if "math" in names else names[0]
+        keys = [v.label or v.name.rpartition(":")[2] for v in cfg.reward.verifiers]  # the manager's per-verifier keys
+        self.acc_key = "math" if "math" in keys else keys[0]
         from rewards.length import LengthShaping
 
         self.shaping = LengthShaping.from_config(cfg.reward.length_shapers)
+        from rlkit.algorithms import ADVANTAGES
+
+        a = cfg.algorithm
+        self.adv_params = ADVANTAGES.build_params(a.advantage, a.advantage_params)
+        # an advantage's params may adapt the training rollout's sampling (BRPO: the thinking)
+        self.rollout_params = getattr(self.adv_params, "rollout_params", None)
         self.sampler_stats: list[float] | None = None  # HAPO adaptive temperature, from the last step
 
         from rlkit.orchestration.ray_actors import init_ray, spawn_actors
@@ -76,6 +82,8 @@ class Trainer:
         engine_kwargs = {"dtype": cfg.model.dtype, "max_batch_size": cfg.engine.max_batch_size, "seed": cfg.seed}
         if cfg.model.lora.rank > 0:
             engine_kwargs["lora"] = cfg.model.lora.model_dump()
+        if cfg.engine.name == "vllm":  # rollout.vllm.VLLMEngine keyword arguments
+            engine_kwargs.update(cfg.engine.vllm.model_dump())
         if cfg.model.budget_guidance:  # guided sampling for requests that carry a budget (data.budget)
             engine_kwargs["budget_guidance"] = str(Path(cfg.model.budget_guidance).resolve())
             engine_kwargs["budget_guidance_params"] = dict(cfg.model.budget_guidance_params)
@@ -141,10 +149,12 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def run(self) -> dict[str, Any]:
         from rlkit.orchestration.ray_actors import sync_weights
+        from rlkit.sysmon import MemoryMonitor
         from rlkit.tracking import Tracker
 
         cfg = self.cfg
         t_setup = time.perf_counter()
+        self.memory = MemoryMonitor().start()  # PSS of this process + Ray's processes (its descendants)
         self._setup()
         start = self._restore()
         if self.segments is not None:
@@ -155,12 +165,14 @@ class Trainer:
         summary: dict[str, Any] = {"run_dir": str(self.run_dir), "resumed_from": start}
         with Tracker(self.run_dir, total_steps=cfg.train.steps, start_step=start + 1,
                      tensorboard=tr.tensorboard, wandb=tr.wandb, console=tr.console) as tracker:
+            self.engines.log = tracker.print  # engine restarts (rlkit.orchestration.engine_pool)
             tracker.print(f"rlkit: run dir {self.run_dir} | setup {time.perf_counter() - t_setup:.1f}s"
                           + (f" | resumed after step {start}" if start else ""))
             if cfg.eval.before and not start:
                 summary["eval_before"] = self.evaluate(tracker, "before")
             for step in range(start + 1, cfg.train.steps + 1):
                 metrics = self.step(step, tracker)
+                metrics.update(self.memory.metrics())
                 tracker.log(step, metrics)
                 if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps:
                     self._save(step)
@@ -172,6 +184,11 @@ class Trainer:
                 summary["final"] = out
             if cfg.eval.after:
                 summary["eval_after"] = self.evaluate(tracker, "after")
+            mem = self.memory.metrics()
+            summary["peak_memory_gib"] = {"pss": round(mem["sys/mem_pss_peak_gib"], 3),
+                                          "rss_sum": round(mem["sys/mem_rss_peak_gib"], 3)}
+            tracker.print(f"peak memory (this process + Ray workers): PSS {mem['sys/mem_pss_peak_gib']:.2f} GiB"
+                          f" (summed RSS {mem['sys/mem_rss_peak_gib']:.2f} GiB)")
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.close()
         return summary
@@ -189,21 +206,29 @@ class Trainer:
         else:
             groups, all_groups, m = X.collect(step, cfg, self.engines, self.cursor, self.train_rows,
                                               self.encode, self.manager, tracker.print, shaping=self.shaping,
-                                              acc_key=self.acc_key, request_meta=self._request_meta())
+                                              acc_key=self.acc_key, request_meta=self._request_meta(),
+                                              params_fn=self.rollout_params)
         _fault_injection(step)
+        train_groups, extras = self._advantage_extras(step, groups, m) if groups else (groups, {})
         m.update(X.rollout_metrics(all_groups, self.acc_key))
         if groups:
-            extras = self._advantage_extras(step, groups, m)
-            batch, _, extras = X.make_batch(groups, cfg, self.tokenizer.pad_token_id, extras)
+            batch, _, extras = X.make_batch(train_groups, cfg, self.tokenizer.pad_token_id, extras)
             m.update({k: float(v) for k, v in extras.get("metrics", {}).items()})
             self._dump_inspect(step, groups, batch, extras)
+            # colocated on GPUs: the engines give their memory to the learner while it trains
+            swap = cfg.cluster.placement == "colocated" and cfg.cluster.engine_gpus > 0
+            if swap:
+                self.engines.sleep()
             m.update(ray.get(self.learner.train_step.remote(batch)))
+            if swap:
+                self.engines.wake()
             at = cfg.engine.adaptive_temperature
             if at.enabled:
                 self.sampler_stats = ray.get(self.learner.entropy_stats.remote(at.pivot, at.replicate_release_sign))
             m["time/sync_s"] = sync_weights(self.learner, self.engines, step)
         else:
             tracker.print(f"step {step}: no informative group; update skipped")
+        m.update(self.engines.metrics())  # cluster/actor_restarts: engines recreated after dying
         gen_tokens = m.get("rollout/tokens_generated",  # segments: this step's tokens, not whole samples'
                            sum(len(c.token_ids) for g in all_groups for c in g.completions))
         m["time/step_s"] = time.perf_counter() - t0
@@ -222,13 +247,25 @@ class Trainer:
 
         return {"logits_processors": [AdaptiveTemperature(EntropyStats(*self.sampler_stats), tau=at.tau)]}
 
-    def _advantage_extras(self, step: int, groups: list[X.Group], m: dict[str, float]) -> dict[str, Any]:
-        """Inputs an advantage estimator asks for beyond rewards (SPAE's step probes)."""
-        from rlkit.algorithms import ADVANTAGES
+    def _advantage_extras(self, step: int, groups: list[X.Group],
+                          m: dict[str, float]) -> tuple[list[X.Group], dict[str, Any]]:
+        """Training groups and inputs an advantage estimator asks for beyond rewards: SPAE's step
+        probes; BRPO's summaries of the truncated thinking (groups packed after ``groups``)."""
+        if getattr(self.adv_params, "needs_anytime_rollout", False):
+            import dataclasses
 
-        entry = ADVANTAGES.get(self.cfg.algorithm.advantage)
-        if not getattr(entry.params, "needs_step_probes", False):
-            return {}
+            from rlkit.anytime_collect import summarize_groups
+
+            t0 = time.perf_counter()
+            base = dataclasses.replace(X.sampling_params(self.cfg, n=1, seed=0), return_entropy=False)
+            res = summarize_groups(groups, self.engines, self.tokenizer, self.manager, self.adv_params,
+                                   base_params=base, seed=X.step_seed(self.cfg.seed, step, 104729),
+                                   acc_key=self.acc_key)
+            m.update(res.metrics)
+            m["time/summary_s"] = time.perf_counter() - t0
+            return groups + res.summary_groups, res.extras
+        if not getattr(self.adv_params, "needs_step_probes", False):
+            return groups, {}
         from rewards.length import build_dataclass
         from rlkit.probes import ProbeParams, probe_groups
 
@@ -237,7 +274,7 @@ class Trainer:
         res = probe_groups(groups, self.engines, self.tokenizer, p, seed=X.step_seed(self.cfg.seed, step, 7919))
         m.update({k: float(v) for k, v in res.metrics.items()})
         m["time/probe_s"] = time.perf_counter() - t0
-        return res.extras()
+        return groups, res.extras()
 
     def _dump_inspect(self, step: int, groups: list[X.Group], batch, extras: dict[str, Any]) -> None:
         """Write the first ``tracking.inspect_groups`` groups' per-token credit for ``rlkit inspect``."""
@@ -289,8 +326,17 @@ class Trainer:
         return res
 
     def close(self) -> None:
+        if getattr(self, "memory", None) is not None:
+            self.memory.stop()
         self.manager.close()
         import ray
 
         if ray.is_initialized() and not self.cfg.cluster.address:
             ray.shutdown()
+        elif ray.is_initialized() and getattr(self, "engines", None) is not None:
+            # joined cluster (cluster.address): stays up; release this run's actors and placement groups
+            if hasattr(self.learner, "shutdown"):
+                self.learner.shutdown()
+            else:
+                ray.kill(self.learner)
+            self.engines.shutdown()

@@ -98,6 +98,34 @@ def split_per_request(requests: list[RolloutRequest], completions: list[Completi
     return out
 
 
+def bucket_indices(sizes: list[int], limit: int) -> list[list[int]]:
+    """Consecutive groups of indices whose ``sizes`` sum to at most ``limit`` (an oversized item
+    gets a bucket of its own). ``[3, 3, 5, 1], 6 -> [[0, 1], [2, 3]]``."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    total = 0
+    for i, s in enumerate(sizes):
+        if cur and total + s > limit:
+            out.append(cur)
+            cur, total = [], 0
+        cur.append(i)
+        total += s
+    if cur:
+        out.append(cur)
+    return out
+
+
+def generation_stats(completions: list[Completion], elapsed: float) -> dict[str, float]:
+    """The ``rollout/*`` throughput figures an engine keeps about its last ``generate`` call."""
+    n_tok = sum(len(c.token_ids) for c in completions)
+    return {
+        "rollout/tokens_generated": float(n_tok),
+        "rollout/gen_time_s": elapsed,
+        "rollout/tokens_per_s": n_tok / elapsed if elapsed > 0 else 0.0,
+        "rollout/num_sequences": float(len(completions)),
+    }
+
+
 _ENGINES: dict[str, Any] = {}
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from rollout.budget import HIDDEN_STATES_KEY
-from rollout.engine import Completion, RolloutRequest, SamplingParams, register_engine
+from rollout.engine import Completion, RolloutRequest, SamplingParams, generation_stats, register_engine
 from rollout.sampling import (
     DecodeState,
     LogitsProcessor,
@@ -254,14 +254,7 @@ class HFEngine:
             start = end
         completions = [c for c in out if c is not None]
         elapsed = time.perf_counter() - t0
-        n_tok = sum(len(c.token_ids) for c in completions)
-        self._stats = {
-            "rollout/tokens_generated": float(n_tok),
-            "rollout/gen_time_s": elapsed,
-            "rollout/tokens_per_s": n_tok / elapsed if elapsed > 0 else 0.0,
-            "rollout/num_sequences": float(len(completions)),
-            "rollout/rows_pruned": float(self._rows_pruned),
-        }
+        self._stats = {**generation_stats(completions, elapsed), "rollout/rows_pruned": float(self._rows_pruned)}
         return completions
 
     def _generate_chunk(self, rows: list[_Row], requests: list[RolloutRequest]) -> list[Completion]:

@@ -116,7 +116,7 @@ def test_budget_guidance_config_keys_validate() -> None:
         load_config(QUICKSTART, ["model.budget_guidance_params={trigger_strings: []}"])
 
 
-@pytest.mark.parametrize("name", ["l1_budget", "hapo_history", "budget_guidance"])
+@pytest.mark.parametrize("name", ["l1_budget", "hapo_history", "budget_guidance", "brpo_anytime"])
 def test_budget_recipes_validate_and_match_quickstart(name: str, capsys) -> None:
     from rewards.budget_prompt import budget_params
     from rewards.length import LengthShaping
@@ -137,6 +137,11 @@ def test_budget_recipes_validate_and_match_quickstart(name: str, capsys) -> None
         assert shapers == ["l1_max"] and p.high <= cfg.engine.max_new_tokens
     elif name == "hapo_history":
         assert shapers == ["hapo_history"] and cfg.data.budget is None
+    elif name == "brpo_anytime":
+        from rlkit.algorithms import ADVANTAGES
+
+        p = ADVANTAGES.build_params(cfg.algorithm.advantage, cfg.algorithm.advantage_params)
+        assert cfg.algorithm.advantage == "brpo" and shapers == [] and p.b_max <= cfg.engine.max_new_tokens
     else:
         assert cfg.model.budget_guidance == "runs/budget_predictor_smollm2"
 

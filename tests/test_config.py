@@ -92,3 +92,41 @@ def test_reference_lists_every_leaf_with_description():
     rows = describe()
     keys = {k for k, _, _ in rows}
     assert {"learner.lr", "algorithm.kl.beta", "train.samples_per_prompt"} <= keys
+
+
+def test_extends_replaces_same_group_and_merges_bodies(tmp_path):
+    parent = tmp_path / "recipes" / "base.yaml"
+    parent.parent.mkdir()
+    parent.write_text("defaults: [algorithm/grpo, learner/torch]\nname: base\nlearner: {lr: 3.0e-4}\n"
+                      "train: {steps: 7, prompts_per_step: 4}\n")
+    child = tmp_path / "recipes" / "child.yaml"
+    child.write_text("extends: base.yaml\ndefaults: [algorithm/hapo]\nname: child\ntrain: {steps: 9}\n")
+    cfg = load_config(child)
+    assert cfg.name == "child" and cfg.algorithm.advantage == "hapo_token_mean"
+    assert cfg.algorithm.policy_loss == "hapo" and "clip_c" not in cfg.algorithm.loss_params  # grpo's group is gone
+    assert cfg.learner.lr == 3.0e-4 and cfg.train.steps == 9 and cfg.train.prompts_per_step == 4
+
+
+def test_extends_errors_name_the_recipe(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("extends: b.yaml\n")
+    b.write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(a)
+    a.write_text("extends: nope.yaml\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml: extends: recipe not found: .*nope\.yaml"):
+        load_config(a)
+
+
+@pytest.mark.parametrize("name", ["tempo", "spae", "hapo", "l1_budget", "hapo_history", "budget_guidance"])
+def test_method_recipes_share_the_quickstart_setup(name):
+    """The method recipes differ from the quickstart only in the method, so their runs compare."""
+    q = load_config(ROOT / "recipes/quickstart.yaml").model_dump()
+    r = load_config(ROOT / f"recipes/{name}.yaml").model_dump()
+    for key in ("seed", "learner", "train"):
+        assert r[key] == q[key], key
+    assert {k: v for k, v in r["model"].items() if not k.startswith("budget_guidance")} == \
+        {k: v for k, v in q["model"].items() if not k.startswith("budget_guidance")}
+    assert r["data"]["generator"] == q["data"]["generator"]
+    assert r["data"]["prompt_template"] == q["data"]["prompt_template"]
+    assert r["engine"]["max_new_tokens"] == q["engine"]["max_new_tokens"]

@@ -81,6 +81,18 @@ def test_lora_learner_syncs_only_adapter_into_engine(tiny_model_dir):
         assert torch.allclose(torch.tensor(row), lp[i, : len(row)], atol=1e-4)
 
 
+def test_update_schedule_keeps_every_row_when_mini_batches_do_not_divide_the_batch():
+    from rlkit.learner.torch_learner import update_schedule
+
+    t = load_config(None, ["train.mini_batches=4", "train.ppo_epochs=2"]).train
+    sched = update_schedule(10, t, step=1)  # BRPO: thinking rows + a varying number of summary rows
+    assert [e for e, _ in sched] == [0] * 4 + [1] * 4 and [len(r) for _, r in sched] == [2, 3, 2, 3] * 2
+    for epoch in (0, 1):
+        assert sorted(i for e, rows in sched if e == epoch for i in rows) == list(range(10))
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(1)).tolist()  # divisible: equal slices
+    assert [r for _, r in update_schedule(8, t, step=1)][:4] == [perm[2 * m : 2 * m + 2] for m in range(4)]
+
+
 def test_lr_schedule():
     assert [lr_lambda(s, warmup=2, total=10, schedule="constant") for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
     assert lr_lambda(6, warmup=2, total=10, schedule="linear") == pytest.approx(0.5)

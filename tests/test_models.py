@@ -20,11 +20,16 @@ from rlkit.models import (
 )
 
 
-def test_unknown_name_suggests_alias(tmp_path: Path) -> None:
+def test_unknown_name_suggests_alias(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(FileNotFoundError, match="smollm2-135m-instruct") as info:
         resolve_model_path("smollm2-135m-instrukt", cache_dir=str(tmp_path))
     assert "Did you mean" in str(info.value) and "no model hub" in str(info.value)
-    with pytest.raises(FileNotFoundError, match="Built-in aliases"):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # a hub id with no hub: say what to do
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(FileNotFoundError, match=r"Hub snapshot failed.*huggingface-cli download meta-llama/Llama-3-8B"
+                       r".*built-in alias: \['smollm2-135m-instruct'\]"):
         resolve_model_path("meta-llama/Llama-3-8B", cache_dir=str(tmp_path))
 
 

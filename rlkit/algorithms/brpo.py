@@ -7,8 +7,9 @@ budget ``j`` is the dense reward ``r̄_{g,j}``. Thinking tokens in segment ``s``
 tokens get ``A^sum`` relative to the other summaries of the same summary prompt.
 
 This module holds the math: the budget prior, the summary-prompt plan on token ids, per-budget
-rewards, both advantages, and the registered advantage ``brpo``. Sampling the summaries through
-the engines lives in :mod:`rlkit.anytime`.
+rewards, both advantages, and the registered advantage ``brpo`` with its params (the rollout
+settings, :class:`AnytimeParams`, plus the advantage's own). Sampling the summaries through the
+engines lives in :mod:`rlkit.anytime`; the training step's glue in :mod:`rlkit.anytime_collect`.
 
 Departures from ``sail-sg/AnytimeReasoner`` (all behaviour-neutral for the gradients):
 - summaries are separate batch rows whose prompt holds the thinking prefix, instead of one tree
@@ -18,13 +19,18 @@ Departures from ``sail-sg/AnytimeReasoner`` (all behaviour-neutral for the gradi
 - ``b_j = b_max * j // S`` for any ``b_max`` and ``S`` (the reference asserts ``b_max`` in
   {8000, 16000} and ``S`` dividing it, where both formulas agree);
 - a prompt group of size 1 has ``V2 = 0`` (reference: ``avg_return = 0`` when ``G == 1``).
+
+One option changes behaviour and is off by default: ``eos_ends_thinking`` treats a thinking that
+ended with EOS as closed, for models without think tags whose plain response is the thinking
+[INFERRED].
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -34,6 +40,7 @@ from rlkit.algorithms.registry import register_advantage
 from rlkit.algorithms.types import AdvantageInputs
 
 __all__ = [
+    "AnytimeParams",
     "BRPOParams",
     "BudgetPrior",
     "SummaryPrompt",
@@ -332,8 +339,59 @@ def segment_index(budgets_S: Tensor, T: int) -> Tensor:
 
 
 @dataclass(frozen=True)
-class BRPOParams:
-    """Hyper-parameters of the ``brpo`` advantage (spec §6b defaults).
+class AnytimeParams:
+    """AnytimeReasoner rollout settings (spec §6b); the ``brpo`` advantage's params extend them.
+
+    Attributes:
+        b_max: thinking length cap (the thinking rollout's ``max_new_tokens``; paper 8000).
+        n_support: number of budgets ``S``, ``b_j = b_max j / S`` (paper 4).
+        budget_probs: budget prior ``uniform`` | ``linear`` | ``base`` (``base``: GRPO-like).
+        n_summary: summaries ``A`` per budget (paper 4; 1 is the GRPO baseline).
+        summary_max_new_tokens: summary length cap (paper 128 - 10).
+        think_end: marker closing the thinking (a stop string of the thinking rollout).
+        truncation_text: inserted after a cut thinking (it closes the thinking).
+        answer_delimiter: inserted before every summary.
+        eos_ends_thinking: a thinking that ended with EOS counts as closed (its EOS dropped from the
+            summary prompt) instead of scoring 0 at the budgets beyond its end; for models that
+            answer without think tags [INFERRED option; off in the paper].
+    """
+
+    b_max: int = 8000
+    n_support: int = 4
+    budget_probs: Literal["uniform", "linear", "base"] = "uniform"
+    n_summary: int = 4
+    summary_max_new_tokens: int = 118
+    think_end: str = "</think>"
+    truncation_text: str = "...\n\n...\n\n</think>"
+    answer_delimiter: str = "\n\n**Final Answer**\n"
+    eos_ends_thinking: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_summary, int) or self.n_summary < 1:
+            raise ValueError(f"n_summary must be an integer >= 1, got {self.n_summary!r}")
+        if not isinstance(self.summary_max_new_tokens, int) or self.summary_max_new_tokens < 1:
+            raise ValueError(f"summary_max_new_tokens must be an integer >= 1, got {self.summary_max_new_tokens!r}")
+        if not isinstance(self.b_max, int) or not isinstance(self.n_support, int):
+            raise ValueError(f"b_max and n_support must be integers, got {self.b_max!r} and {self.n_support!r}")
+        if not self.think_end:
+            raise ValueError("think_end must be a non-empty string")
+        BudgetPrior(self.b_max, self.n_support, self.budget_probs)  # validates the prior
+
+    @property
+    def prior(self) -> BudgetPrior:
+        return BudgetPrior(self.b_max, self.n_support, self.budget_probs)
+
+    def rollout_params(self, base: Any) -> Any:
+        """Sampling params of the thinking rollout: ``base`` (a ``rollout.engine.SamplingParams``)
+        with at most ``b_max`` new tokens and ``think_end`` added to its stop strings."""
+        stop = tuple(base.stop) if self.think_end in base.stop else (*base.stop, self.think_end)
+        return dataclasses.replace(base, max_new_tokens=self.b_max, stop=stop)
+
+
+@dataclass(frozen=True)
+class BRPOParams(AnytimeParams):
+    """Hyper-parameters of the ``brpo`` advantage (spec §6b defaults): the rollout settings of
+    :class:`AnytimeParams` plus the advantage's own.
 
     Attributes:
         variance_reduction: thinking baseline: ``brpo`` | ``v1only`` | ``v2only`` | ``none``.
@@ -345,7 +403,12 @@ class BRPOParams:
     summary_method: Literal["brpo", "grpo"] = "brpo"
     discount: float = 2.0
 
+    # read by the trainer (no name branching): this estimator needs the AnytimeReasoner rollout
+    # (summaries of the truncated thinking, rlkit.anytime_collect) and its thinking sampling params
+    needs_anytime_rollout: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.variance_reduction not in VARIANCE_REDUCTIONS:
             raise ValueError(
                 f"brpo.variance_reduction must be one of {VARIANCE_REDUCTIONS}, got {self.variance_reduction!r}"

@@ -44,6 +44,32 @@ def _nearest(word: str, candidates: list[str]) -> str | None:
     return close[0] if close else None
 
 
+def _attribute_docs(doc: str) -> dict[str, str]:
+    """``{field: text}`` from a Google-style ``Attributes:`` section (``a, b: text`` documents both)."""
+    out: dict[str, str] = {}
+    lines = doc.expandtabs().splitlines()
+    if not any(x.strip() == "Attributes:" for x in lines):
+        return out
+    body = lines[[x.strip() for x in lines].index("Attributes:") + 1:]
+    indent, names = None, []
+    for line in body:
+        if not line.strip():
+            break
+        ind = len(line) - len(line.lstrip())
+        indent = ind if indent is None else indent
+        if ind < indent:
+            break
+        head, sep, text = line.strip().partition(":")
+        if ind == indent and sep:
+            names = [n.strip() for n in head.split(",")]
+            for n in names:
+                out[n] = text.strip()
+        else:
+            for n in names:
+                out[n] += " " + line.strip()
+    return out
+
+
 class Registry:
     """A name -> (fn, params dataclass) map with helpful errors.
 
@@ -124,6 +150,22 @@ class Registry:
                     f"Valid parameters: {valid}"
                 )
         return entry.params(**kwargs)
+
+    def describe_params(self) -> list[tuple[str, str, str, str]]:
+        """``(name, field, default, description)`` of every registered params field, the description
+        taken from the ``Attributes:`` sections of the params class docstrings (for the config reference)."""
+        rows = []
+        for name in self.names():
+            params = self._entries[name].params
+            docs: dict[str, str] = {}
+            for klass in reversed(params.__mro__):
+                docs.update(_attribute_docs(klass.__doc__ or ""))
+            for f in dataclasses.fields(params):
+                if f.init:
+                    default = f.default if f.default is not dataclasses.MISSING else (
+                        f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+                    rows.append((name, f.name, repr(default), docs.get(f.name, "")))
+        return rows
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries or name in self._aliases

@@ -47,6 +47,7 @@ from rlkit.learner.torch_learner import (
     response_logprobs,
     update_schedule,
 )
+from rollout.engine import bucket_indices  # noqa: F401  (re-exported: weight-sync buckets)
 
 CKPT_FORMAT = "rlkit-deepspeed-zero"
 
@@ -134,23 +135,6 @@ def build_ds_config(lc: LearnerConfig, model_cfg: ModelConfig, world_size: int) 
         "wall_clock_breakdown": False,
     }
     return deep_merge(cfg, ds.overrides)
-
-
-def bucket_indices(sizes: list[int], limit: int) -> list[list[int]]:
-    """Consecutive groups of indices whose ``sizes`` sum to at most ``limit`` (an oversized item
-    gets a bucket of its own). ``[3, 3, 5, 1], 6 -> [[0, 1], [2, 3]]``."""
-    out: list[list[int]] = []
-    cur: list[int] = []
-    total = 0
-    for i, s in enumerate(sizes):
-        if cur and total + s > limit:
-            out.append(cur)
-            cur, total = [], 0
-        cur.append(i)
-        total += s
-    if cur:
-        out.append(cur)
-    return out
 
 
 def _to_device(mb: TrainBatch, device: torch.device) -> TrainBatch:

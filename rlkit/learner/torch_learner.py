@@ -115,15 +115,16 @@ def update_schedule(batch_size: int, train_cfg: TrainConfig, step: int) -> list[
     """``(epoch, rows)`` of each optimizer update of one train step, in order.
 
     ``ppo_epochs`` passes over ``mini_batches`` mini-batches; rows are shuffled per epoch when
-    there is more than one mini-batch, seeded by ``step`` (so identical on every rank).
+    there is more than one mini-batch, seeded by ``step`` (so identical on every rank). A batch size
+    that ``mini_batches`` does not divide (BRPO adds a varying number of summary rows) is split into
+    near-equal mini-batches, so no row is dropped.
     """
     gen = torch.Generator().manual_seed(int(step))
     n = train_cfg.mini_batches
-    size = batch_size // n
     out: list[tuple[int, list[int]]] = []
     for epoch in range(train_cfg.ppo_epochs):
         perm = torch.randperm(batch_size, generator=gen).tolist() if n > 1 else list(range(batch_size))
-        out.extend((epoch, perm[m * size : (m + 1) * size]) for m in range(n))
+        out.extend((epoch, perm[m * batch_size // n : (m + 1) * batch_size // n]) for m in range(n))
     return out
 
 

@@ -17,7 +17,8 @@ from rlkit.config import Config
 
 
 def init_ray(cfg: Config) -> None:
-    """Start a local loopback Ray (or join ``cluster.address``). Idempotent."""
+    """Start a local loopback Ray, or join ``cluster.address`` (else ``$RAY_ADDRESS``, which
+    ``ray job submit`` sets for its entrypoint). Idempotent."""
     import ray
 
     if ray.is_initialized():
@@ -25,17 +26,17 @@ def init_ray(cfg: Config) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     c = cfg.cluster
-    if c.address:
-        ray.init(address=c.address, log_to_driver=True)
+    address = c.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        host = address.split("://")[-1].rsplit(":", 1)[0]
+        if host in ("127.0.0.1", "localhost"):  # a loopback-only cluster (`ray start --head` on 127.0.0.1)
+            _single_machine_mode()
+        ray.init(address=address, log_to_driver=True)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local, loopback-only cluster
-    # `_node_ip_address="127.0.0.1"` alone is re-resolved to the eth0 address by Ray on Linux;
-    # Ray's single-machine mode (its default on macOS/Windows) keeps every address on loopback.
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time; ray may be imported already
+    _single_machine_mode()
     ray.init(
+        address="local",  # never join a cluster some `ray start` left on this machine
         num_cpus=c.num_cpus or max(2, os.cpu_count() or 2),
         include_dashboard=c.dashboard,
         _node_ip_address="127.0.0.1",
@@ -43,6 +44,19 @@ def init_ray(cfg: Config) -> None:
         configure_logging=False,
         runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
     )
+
+
+def _single_machine_mode() -> None:
+    """Keep Ray's addresses on loopback.
+
+    ``_node_ip_address="127.0.0.1"`` alone is re-resolved to the eth0 address by Ray on Linux (and
+    so is a 127.0.0.1 cluster address); Ray's single-machine mode (its default on macOS/Windows)
+    keeps every address on loopback.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time; ray may be imported already
 
 
 def _threads(n: int | None) -> None:
@@ -55,7 +69,8 @@ class RolloutWorker:
     """Owns one rollout engine (any registered engine class)."""
 
     def __init__(self, engine_name: str, model_path: str, engine_kwargs: dict[str, Any], threads: int | None):
-        _threads(threads)
+        if engine_name != "vllm":  # vLLM binds its own threads; all-core torch threads made it ~20x slower on CPU
+            _threads(threads)
         from rollout.engine import get_engine_class
 
         # budget guidance (model.budget_guidance): not an engine argument; its processor goes last
@@ -90,8 +105,22 @@ class RolloutWorker:
         self.engine.load_weights(state, version=version)
         return time.perf_counter() - t0
 
+    def sleep(self) -> None:
+        """Free accelerator memory for a colocated learner (vLLM sleep level 1; HF: weights to host)."""
+        self.engine.sleep()
+
+    def wake(self) -> None:
+        self.engine.wake()
+
     def ready(self) -> bool:
         return True
+
+    def info(self) -> dict[str, Any]:
+        """Process id, Ray node id and the policy version the engine holds (monitoring, fault tests)."""
+        import ray
+
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "policy_version": getattr(self.engine, "policy_version", None)}
 
 
 class LearnerWorker:
@@ -192,8 +221,9 @@ class DeepSpeedLearnerGroup:
     METHODS = ("train_step", "entropy_stats", "state_for_sync", "checkpoint_state", "load_checkpoint_state",
                "export", "info", "compute_logprobs", "gradients")
 
-    def __init__(self, ranks: list, placement_group: Any = None):
-        self.ranks, self.placement_group, self._pending = list(ranks), placement_group, []
+    def __init__(self, ranks: list, placement: Any = None):
+        # placement: the Placement this group owns (removed by shutdown); None when shared with engines
+        self.ranks, self.placement, self._pending = list(ranks), placement, []
 
     def __getattr__(self, name: str) -> _GroupMethod:
         if name in DeepSpeedLearnerGroup.METHODS:
@@ -220,12 +250,11 @@ class DeepSpeedLearnerGroup:
 
     def shutdown(self) -> None:
         import ray
-        from ray.util.placement_group import remove_placement_group
 
         for r in self.ranks:
             ray.kill(r)
-        if self.placement_group is not None:
-            remove_placement_group(self.placement_group)
+        if self.placement is not None:
+            self.placement.remove()
 
 
 def _get_fail_fast(refs: list) -> list:
@@ -239,35 +268,27 @@ def _get_fail_fast(refs: list) -> list:
     return ray.get(refs)
 
 
-def spawn_deepspeed_learner(cfg: Config, model_path: str, threads: int | None) -> DeepSpeedLearnerGroup:
-    """``learner.num_ranks`` DeepSpeed rank actors in one placement group, rendezvoused and built.
+def spawn_deepspeed_learner(cfg: Config, model_path: str, threads: int | None,
+                            placement: Any = None) -> DeepSpeedLearnerGroup:
+    """``learner.num_ranks`` DeepSpeed rank actors, one per learner slot of ``placement``, rendezvoused and built.
 
-    One GPU per rank when the cluster has enough GPUs (NCCL), else CPU ranks sharing one CPU of
-    reservation (gloo; training and generation alternate). All ranks on one node rendezvous on
-    127.0.0.1, otherwise on rank 0's node address.
+    ``placement`` (:class:`rlkit.orchestration.placement.Placement`) is shared with the engines;
+    without it the ranks get a placement of their own (``cluster.placement`` for the learner alone),
+    which the returned group owns. One GPU per rank with ``cluster.learner_gpus`` (NCCL), else CPU
+    ranks (gloo). All ranks on one node rendezvous on 127.0.0.1, otherwise on rank 0's node address.
     """
     import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    n, timeout = cfg.learner.num_ranks, cfg.learner.deepspeed.timeout_s
-    bundle = {"CPU": 1.0, "GPU": 1.0} if ray.cluster_resources().get("GPU", 0) >= n else {"CPU": 1.0 / n}
-    pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
-    try:
-        ray.get(pg.ready(), timeout=timeout)
-    except ray.exceptions.GetTimeoutError:
-        remove_placement_group(pg)
-        raise RuntimeError(f"could not place {n} learner ranks of {bundle} within {timeout:g}s "
-                           f"(cluster resources: {ray.cluster_resources()})") from None
+    from rlkit.orchestration.placement import Placement
+
+    own = placement is None
+    if own:
+        placement = Placement.create(cfg, roles=("learner",))
+    n = cfg.learner.num_ranks
     threads = threads or max(1, (os.cpu_count() or 1) // n)
-    ranks = [
-        ray.remote(LearnerWorker).options(
-            num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
-        ).remote(model_path, cfg, threads, r)
-        for r in range(n)
-    ]
-    group = DeepSpeedLearnerGroup(ranks, pg)
+    ranks = [ray.remote(LearnerWorker).options(**placement.options(slot)).remote(model_path, cfg, threads, r)
+             for r, slot in enumerate(placement.plan.learner)]
+    group = DeepSpeedLearnerGroup(ranks, placement if own else None)
     try:
         nodes = _get_fail_fast([r.node.remote() for r in ranks])
         addr = "127.0.0.1" if len({node_id for node_id, _ in nodes}) == 1 else nodes[0][1]
@@ -279,27 +300,67 @@ def spawn_deepspeed_learner(cfg: Config, model_path: str, threads: int | None) -
     return group
 
 
+def engine_specs(cfg: Config, model_path: str, engine_kwargs: dict[str, Any], placement: Any) -> list:
+    """One :class:`EngineSpec` per engine slot of ``placement`` (GPU engines: ``device=cuda`` / TP size)."""
+    from rlkit.orchestration.engine_pool import EngineSpec
+
+    kwargs = dict(engine_kwargs)
+    if cfg.cluster.engine_gpus and cfg.engine.name == "hf":
+        kwargs.setdefault("device", "cuda")
+    if cfg.engine.tensor_parallel_size > 1:
+        kwargs["tensor_parallel_size"] = cfg.engine.tensor_parallel_size
+        if cfg.engine.name == "vllm":  # TP workers as Ray actors on the engine's bundles (see placement.py)
+            kwargs["llm_kwargs"] = {"distributed_executor_backend": "ray", **dict(kwargs.get("llm_kwargs") or {})}
+    args = (cfg.engine.name, model_path, kwargs, cfg.learner.num_threads)
+    return [EngineSpec(args, placement.options(slot)) for slot in placement.plan.engines]
+
+
 def spawn_actors(cfg: Config, model_path: str, engine_kwargs: dict[str, Any]):
-    """Create the learner and engine actors and wait until they are ready."""
+    """Place the roles (``cluster.placement``), create the learner and the engine pool, wait until ready.
+
+    Returns ``(learner, pool)``: a :class:`LearnerWorker` handle (or :class:`DeepSpeedLearnerGroup`)
+    and an :class:`~rlkit.orchestration.engine_pool.EnginePool` that owns the placement groups.
+    """
     import ray
 
-    threads = cfg.learner.num_threads
-    engines = [
-        ray.remote(num_cpus=1.0 / cfg.engine.num_engines)(RolloutWorker).remote(cfg.engine.name, model_path, engine_kwargs, threads)
-        for _ in range(cfg.engine.num_engines)
-    ]
-    if cfg.learner.name == "deepspeed":  # engines load while the ranks rendezvous
-        learner = spawn_deepspeed_learner(cfg, model_path, threads)
-    else:
-        learner = ray.remote(num_cpus=1)(LearnerWorker).remote(model_path, cfg, threads)
-    ray.get([learner.info.remote()] + [e.ready.remote() for e in engines])
-    return learner, engines
+    from rlkit.orchestration.engine_pool import EnginePool
+    from rlkit.orchestration.placement import Placement
+
+    placement = Placement.create(cfg)
+    if not cfg.cluster.learner_gpus and not cfg.cluster.engine_gpus and ray.cluster_resources().get("GPU"):
+        warnings.warn("the Ray cluster has GPUs but cluster.learner_gpus = cluster.engine_gpus = 0: "
+                      "the learner and the engines run on CPU", stacklevel=2)
+    pool = learner = None
+    try:
+        pool = EnginePool(engine_specs(cfg, model_path, engine_kwargs, placement),
+                          max_restarts=cfg.cluster.max_actor_restarts, owned=[placement])
+        if cfg.learner.name == "deepspeed":  # engines load while the ranks rendezvous
+            learner = spawn_deepspeed_learner(cfg, model_path, cfg.learner.num_threads, placement)
+        else:
+            learner = ray.remote(LearnerWorker).options(**placement.options(placement.plan.learner[0])).remote(
+                model_path, cfg, cfg.learner.num_threads)
+        _get_fail_fast([learner.info.remote()] + pool.ready_refs())
+    except BaseException:
+        if pool is not None:
+            pool.shutdown()  # kills the engines, removes the placement groups (and the learner in them)
+        else:
+            placement.remove()
+        raise
+    return learner, pool
 
 
 def sync_weights(learner, engines, version: int) -> float:
-    """Learner state -> object store -> every engine. Returns seconds spent."""
+    """Learner state -> object store -> every engine. Returns seconds spent.
+
+    ``engines``: an :class:`~rlkit.orchestration.engine_pool.EnginePool` (keeps the state so a
+    recreated engine gets it too) or a list of ``RolloutWorker`` handles.
+    """
     import ray
 
+    from rlkit.orchestration.engine_pool import EnginePool
+
+    if isinstance(engines, EnginePool):
+        return engines.sync(learner, version)
     t0 = time.perf_counter()
     ref = learner.state_for_sync.remote()
     ray.get([e.load_weights.remote(ref, version) for e in engines])

@@ -1,0 +1,158 @@
+"""Cross-field and registry checks of a validated :class:`rlkit.config.Config`.
+
+``check_combinations`` runs inside pydantic validation (its ``ValueError`` becomes a ConfigError
+naming the keys); ``check_registries`` runs after it and checks names and parameter blocks against
+the registries (advantages, losses, loss masks, length shapers, verifiers, probes, budgets). Neither
+loads a model.
+"""
+
+from __future__ import annotations
+
+from rlkit.config import Config, ConfigError, nearest
+
+__all__ = ["check_combinations", "check_registries"]
+
+
+def check_combinations(c: Config) -> None:
+    t, a = c.train, c.algorithm
+    if a.dynamic_sampling.enabled and t.samples_per_prompt < 2:
+        raise ValueError(
+            "algorithm.dynamic_sampling.enabled needs train.samples_per_prompt >= 2 "
+            "(a group of one has no reward variance)"
+        )
+    if c.samples_per_step % t.mini_batches:
+        raise ValueError(
+            f"train.mini_batches={t.mini_batches} must divide prompts_per_step*samples_per_prompt"
+            f"={c.samples_per_step}"
+        )
+    if a.kl.beta > 0 and c.learner.name != "torch" and c.model.lora.rank == 0:
+        raise ValueError("algorithm.kl.beta > 0 with the deepspeed learner needs model.lora.rank > 0")
+    if isinstance(c.data.eval_size, float) and not 0 < c.data.eval_size < 1:
+        raise ValueError("data.eval_size as a float must be a fraction in (0, 1)")
+    if c.data.source in ("jsonl", "parquet", "hf") and not c.data.path:
+        raise ValueError(f"data.path is required when data.source is {c.data.source!r}")
+    if not c.reward.verifiers:
+        raise ValueError("reward.verifiers must name at least one verifier")
+    if c.segments.enabled:
+        _check_segments(c)
+    _check_engine(c)
+    from rlkit.orchestration.placement import check_cluster_config
+
+    check_cluster_config(c)
+
+
+def _check_engine(c: Config) -> None:
+    """engine.name names a registered engine; what the vLLM engine cannot do fails here, not mid-run."""
+    from rollout.engine import get_engine_class
+
+    try:
+        get_engine_class(c.engine.name)  # built-in engines import without their backend (vllm is lazy)
+    except KeyError as e:
+        raise ValueError(f"engine.name: {e.args[0]}") from None
+    if c.engine.name != "vllm":
+        return
+    if c.model.budget_guidance:
+        raise ValueError("model.budget_guidance needs engine.name=hf: guided sampling reads every layer's hidden "
+                         "state at each decode step, which vLLM's logits processors do not see")
+    from rlkit.algorithms import ADVANTAGES
+
+    try:
+        params = ADVANTAGES.get(c.algorithm.advantage).params
+    except Exception:  # unknown names are reported by the registry checks
+        return
+    if getattr(params, "needs_step_probes", False):
+        raise ValueError(f"algorithm.advantage={c.algorithm.advantage!r} probes per-token entropies, which the vLLM "
+                         "engine does not return; use engine.name=hf")
+
+
+def _check_segments(c: Config) -> None:
+    s, a = c.segments, c.algorithm
+    seg_len, max_len = s.resolved_seg_len(c.engine.max_new_tokens), c.engine.max_new_tokens
+    if seg_len > max_len:
+        raise ValueError(f"segments.seg_len={seg_len} must be <= engine.max_new_tokens={max_len} "
+                         "(the global max response length)")
+    if s.importance == "sais" and a.old_logprobs != "rollout":
+        raise ValueError("segments.importance=sais divides by each segment's behaviour log-probs: "
+                         f"set algorithm.old_logprobs=rollout (got {a.old_logprobs!r})")
+    if s.importance == "pois" and a.old_logprobs == "rollout":
+        raise ValueError("segments.importance=pois recomputes old log-probs with the current policy: "
+                         "set algorithm.old_logprobs=auto or recompute (got 'rollout')")
+    if s.max_inflight_groups is not None and s.max_inflight_groups < c.train.prompts_per_step:
+        raise ValueError(f"segments.max_inflight_groups={s.max_inflight_groups} must be >= "
+                         f"train.prompts_per_step={c.train.prompts_per_step}, else a step may never fill")
+    if s.group_mode == "siblings" and a.dynamic_sampling.enabled:
+        raise ValueError("segments.group_mode=siblings does not combine with algorithm.dynamic_sampling "
+                         "(a partial group's reward variance is unknown); use group_mode=complete")
+    if c.data.budget is not None or c.engine.adaptive_temperature.enabled:
+        raise ValueError("segments.enabled does not support data.budget or engine.adaptive_temperature yet "
+                         "(segment requests carry no per-request budget or logits processors)")
+
+
+
+def check_registries(cfg: Config) -> None:
+    from rlkit.algorithms import ADVANTAGES, POLICY_LOSSES
+
+    a = cfg.algorithm
+    for reg, key, name, params_key, kwargs in (
+        (ADVANTAGES, "algorithm.advantage", a.advantage, "algorithm.advantage_params", a.advantage_params),
+        (POLICY_LOSSES, "algorithm.policy_loss", a.policy_loss, "algorithm.loss_params", a.loss_params),
+    ):
+        try:
+            reg.get(name)
+        except KeyError as e:
+            raise ConfigError(f"{key}: {e.args[0]}") from None
+        try:
+            reg.build_params(name, kwargs)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{params_key}: {e}") from None
+    from rlkit.algorithms import LOSS_MASKS
+
+    for name, kwargs in a.loss_mask.items():
+        try:
+            LOSS_MASKS.build_params(name, kwargs)
+        except KeyError as e:
+            raise ConfigError(f"algorithm.loss_mask: {e.args[0]}") from None
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"algorithm.loss_mask.{name}: {e}") from None
+    _check_plugin_params(cfg)
+    import rewards
+
+    rewards.load_plugins(cfg.reward.plugins)
+    known = rewards.list_rewards() + rewards.registry.entry_point_names()  # entry points: not imported
+    for i, v in enumerate(cfg.reward.verifiers):
+        if ":" in v.name:
+            continue  # resolved (and imported) by the reward workers
+        if v.name not in known:
+            hint = nearest(v.name, known)
+            raise ConfigError(
+                f"reward.verifiers.{i}.name: unknown verifier '{v.name}'"
+                + (f"; did you mean '{hint}'?" if hint else "")
+                + f" (registered: {', '.join(known)})"
+            )
+    labels = [v.label or (v.name.rpartition(":")[2] if ":" in v.name else v.name) for v in cfg.reward.verifiers]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise ConfigError(f"reward.verifiers: duplicate metric names {dupes}; give each a distinct 'label'")
+
+
+def _check_plugin_params(cfg: Config) -> None:
+    """Validate the dict-valued blocks read by method modules (probes, length shapers, budgets)."""
+    from rewards.budget_prompt import budget_params
+    from rewards.length import LengthShaping, build_dataclass
+    from rlkit.algorithms import ADVANTAGES
+    from rlkit.probes import ProbeParams
+
+    checks = [("algorithm.step_probe", lambda: build_dataclass(ProbeParams, cfg.algorithm.step_probe, "step_probe")),
+              ("reward.length_shapers", lambda: LengthShaping.from_config(cfg.reward.length_shapers))]
+    if cfg.data.budget is not None:
+        checks.append(("data.budget", lambda: budget_params(cfg.data.budget)))
+    if getattr(ADVANTAGES.get(cfg.algorithm.advantage).params, "needs_anytime_rollout", False):  # brpo
+        from rlkit.anytime_collect import check_config
+
+        checks.append(("algorithm.advantage", lambda: check_config(cfg)))
+    for key, fn in checks:
+        try:
+            fn()
+        except (ValueError, TypeError, KeyError) as e:
+            msg = e.args[0] if e.args else str(e)
+            raise ConfigError(f"{key}: {msg}") from None

@@ -1,0 +1,247 @@
+"""The rollout engine actors, with fault handling: a dead engine is recreated, re-synced, retried.
+
+Every engine call of the trainer (rollouts, SPAE probes, segment rollouts, evaluation, weight sync)
+goes through :class:`EnginePool`. Requests are sharded round-robin over the engines (request i goes
+to engine ``i % E``, as :func:`rlkit.experience.generate` always did). When an engine actor dies in
+the middle of a call (``RayActorError``: process killed, OOM, node lost), the pool
+
+1. recreates it with the same constructor arguments in the same placement slot,
+2. loads it with the weights its peers hold (the last synced state, kept in the object store by
+   :meth:`EnginePool.sync`, with its policy version) *before* it serves anything, and
+3. re-runs that engine's shard of the call; the other engines' results are kept.
+
+Each engine may be recreated ``cluster.max_actor_restarts`` times; one more death raises
+:class:`EngineFailure` naming the key. Restarts are counted in ``cluster/actor_restarts``. The cost:
+the synced tensors (the full weights, or only the LoRA adapter) stay in the object store until the
+next sync replaces them, one copy.
+
+Why not Ray's own ``max_restarts`` / ``max_task_retries``: Ray would re-run ``__init__`` and then
+replay the failed task right away, on an engine still holding the initial weights (a silently
+off-policy rollout). Here nothing reaches a new engine before its weights are loaded.
+
+Engines are seeded per request (``SamplingParams.seed``), so a retried shard yields the same
+completions the dead engine would have returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from rollout.engine import Completion, RolloutRequest, split_per_request
+
+logger = logging.getLogger(__name__)
+
+
+class EngineFailure(RuntimeError):
+    """An engine died more often than ``cluster.max_actor_restarts`` allows, or could not be recreated."""
+
+
+@dataclass
+class EngineSpec:
+    """How to (re)create one engine actor: ``RolloutWorker(*args)`` with these Ray actor options."""
+
+    args: tuple
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RestartEvent:
+    """One recreated engine: what killed it and what the restart cost (seconds)."""
+
+    engine: int
+    error: str
+    detected_at: float  # time.time() when the pool saw the death
+    restart_s: float  # new actor started and ready (model loaded)
+    sync_s: float  # last synced weights loaded into it
+    version: int | None  # policy version it now holds (None: never synced, initial weights)
+
+
+@dataclass
+class Call:
+    """One method call on one engine: ``engines[engine].<method>(*args)``."""
+
+    engine: int
+    method: str
+    args: tuple
+
+
+class EnginePool:
+    """Rollout engine actors that survive engine deaths. See the module docstring.
+
+    Args:
+        specs: one :class:`EngineSpec` per engine.
+        max_restarts: recreations allowed per engine (``cluster.max_actor_restarts``).
+        log: where restart messages go (the trainer passes its console printer).
+        owned: objects with a ``remove()`` (placement groups) released by :meth:`shutdown`.
+    """
+
+    def __init__(self, specs: list[EngineSpec], *, max_restarts: int = 3,
+                 log: Callable[[str], Any] | None = None, owned: list[Any] | None = None):
+        if not specs:
+            raise ValueError("an EnginePool needs at least one engine")
+        self.specs = list(specs)
+        self.max_restarts = max_restarts
+        self.log = log or logger.warning
+        self.owned = list(owned or [])
+        self.actors = [self._start(s) for s in self.specs]
+        self.restarts = [0] * len(self.specs)
+        self.events: list[RestartEvent] = []
+        self._state: Any = None  # ObjectRef of the last synced weights (what every engine holds)
+        self.version: int | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    @staticmethod
+    def _start(spec: EngineSpec):
+        import ray
+
+        from rlkit.orchestration.ray_actors import RolloutWorker
+
+        return ray.remote(RolloutWorker).options(**spec.options).remote(*spec.args)
+
+    def ready_refs(self) -> list:
+        """References that resolve once every engine has loaded its model."""
+        return [a.ready.remote() for a in self.actors]
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # already dead / Ray down
+                pass
+        for o in self.owned:
+            o.remove()
+        self.owned = []
+
+    def _restart(self, k: int, dead: Any, err: BaseException) -> None:
+        """Recreate engine ``k`` (unless already done since ``dead`` failed) and load the synced weights."""
+        import ray
+
+        if self.actors[k] is not dead:
+            return  # another failed call on the same dead actor already restarted it
+        detected_at = time.time()
+        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        if self.restarts[k] >= self.max_restarts:
+            raise EngineFailure(
+                f"rollout engine {k} died ({reason}) and was already recreated {self.restarts[k]} time(s): "
+                f"cluster.max_actor_restarts={self.max_restarts} reached") from err
+        try:
+            ray.kill(dead, no_restart=True)
+        except Exception:
+            pass
+        t0 = time.perf_counter()
+        new = self._start(self.specs[k])
+        try:
+            ray.get(new.ready.remote())
+            t1 = time.perf_counter()
+            if self._state is not None:  # before it serves: the weights its peers hold
+                ray.get(new.load_weights.remote(self._state, self.version))
+        except ray.exceptions.RayError as e:
+            raise EngineFailure(f"rollout engine {k} died ({reason}) and could not be recreated: {e}") from e
+        t2 = time.perf_counter()
+        self.actors[k] = new
+        self.restarts[k] += 1
+        ev = RestartEvent(k, reason, detected_at, t1 - t0, t2 - t1, self.version)
+        self.events.append(ev)
+        self.log(f"rollout engine {k} died ({reason}); recreated in {ev.restart_s:.1f}s, loaded policy version "
+                 f"{self.version} in {ev.sync_s:.2f}s; retrying its requests "
+                 f"(restart {self.restarts[k]}/{self.max_restarts} of engine {k})")
+
+    # ------------------------------------------------------------------ calls
+    def run(self, calls: list[Call]) -> list[Any]:
+        """Run the calls concurrently; a call whose engine died is re-run on the recreated engine.
+
+        Returns the results in call order. Errors raised by the engine code itself (not a death)
+        propagate unchanged.
+        """
+        import ray
+
+        results: list[Any] = [None] * len(calls)
+        pending: dict[Any, tuple[int, Any]] = {}
+
+        def submit(i: int) -> None:
+            c = calls[i]
+            actor = self.actors[c.engine]
+            pending[getattr(actor, c.method).remote(*c.args)] = (i, actor)
+
+        for i in range(len(calls)):
+            submit(i)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            i, actor = pending.pop(done[0])
+            try:
+                results[i] = ray.get(done[0])
+            except ray.exceptions.RayActorError as e:
+                if e.actor_id not in (None, actor._actor_id.hex()):
+                    raise  # another actor died (e.g. the learner producing an argument): not ours to restart
+                self._restart(calls[i].engine, actor, e)
+                submit(i)
+        return results
+
+    def generate(self, requests: list[RolloutRequest]) -> tuple[list[Completion], float]:
+        """Sample every request (``params.n`` completions each, request order kept).
+
+        Returns ``(completions, seconds of the slowest engine)``.
+        """
+        E = len(self.actors)
+        shards = [requests[k::E] for k in range(E)]
+        calls = [Call(k, "generate", (s,)) for k, s in enumerate(shards) if s]
+        out = self.run(calls)
+        per_req: list[list[Completion]] = [[] for _ in requests]
+        for c, (comps, _secs) in zip(calls, out):
+            for i, cs in zip(range(c.engine, len(requests), E), split_per_request(c.args[0], comps)):
+                per_req[i] = cs
+        return [x for cs in per_req for x in cs], max((s for _, s in out), default=0.0)
+
+    def score(self, prefixes: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
+        """Teacher-forced log-probabilities of each continuation given its prefix (sharded, order kept)."""
+        E = len(self.actors)
+        calls = [Call(k, "score", (prefixes[k::E], continuations[k::E])) for k in range(E) if prefixes[k::E]]
+        out: list[list[float]] = [[] for _ in prefixes]
+        for c, rows in zip(calls, self.run(calls)):
+            out[c.engine::E] = list(rows)
+        return out
+
+    # ------------------------------------------------------------------ weights
+    def load_state(self, state: Any, version: int | None) -> float:
+        """Load ``state`` (an ObjectRef or a dict) into every engine and keep it for restarts. Seconds."""
+        import ray
+
+        t0 = time.perf_counter()
+        ref = state if isinstance(state, ray.ObjectRef) else ray.put(state)
+        # recorded first: an engine that dies during this load is recreated with the new weights
+        before, (self._state, self.version) = (self._state, self.version), (ref, version)
+        try:
+            self.run([Call(k, "load_weights", (ref, version)) for k in range(len(self.actors))])
+        except BaseException:
+            self._state, self.version = before  # e.g. the learner failed to produce the state
+            raise
+        return time.perf_counter() - t0
+
+    def sync(self, learner: Any, version: int) -> float:
+        """Learner state -> object store -> every engine (kept for restarts). Returns seconds spent."""
+        t0 = time.perf_counter()
+        self.load_state(learner.state_for_sync.remote(), version)
+        return time.perf_counter() - t0
+
+    def sleep(self) -> None:
+        """Every engine releases its accelerator memory (colocated placement, while the learner trains)."""
+        self.run([Call(k, "sleep", ()) for k in range(len(self.actors))])
+
+    def wake(self) -> None:
+        self.run([Call(k, "wake", ()) for k in range(len(self.actors))])
+
+    def metrics(self) -> dict[str, float]:
+        """``cluster/actor_restarts`` (engines recreated so far in this process) and the last restart's cost."""
+        m = {"cluster/actor_restarts": float(sum(self.restarts))}
+        if self.events:
+            m["cluster/restart_s"] = self.events[-1].restart_s + self.events[-1].sync_s
+        return m

@@ -1,0 +1,89 @@
+"""Memory of the whole run: this process and every descendant (Ray's GCS, raylet and actor workers).
+
+Summing RSS over processes counts shared pages (the torch/transformers libraries, the model mmap, Ray's
+object store) once per process and overstates what the run needs. PSS splits every shared page among
+the processes that map it, so the PSS sum over the tree is the memory the run really holds; both are
+reported. A daemon thread samples every ``interval_s`` seconds and keeps the peaks.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+_GIB = float(1 << 30)
+
+
+def tree_memory(root_pid: int | None = None) -> dict[str, float]:
+    """Current ``{"pss_gib", "rss_gib", "procs"}`` summed over ``root_pid`` (default: this process) and its descendants."""
+    import psutil
+
+    try:
+        root = psutil.Process(root_pid or os.getpid())
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return {"pss_gib": 0.0, "rss_gib": 0.0, "procs": 0.0}
+    pss = rss = 0
+    n = 0
+    for p in procs:
+        try:
+            info = p.memory_full_info()  # reads /proc/PID/smaps_rollup on Linux
+        except psutil.Error:  # exited between listing and reading, or not ours to read
+            continue
+        pss += getattr(info, "pss", info.rss)
+        rss += info.rss
+        n += 1
+    return {"pss_gib": pss / _GIB, "rss_gib": rss / _GIB, "procs": float(n)}
+
+
+class MemoryMonitor:
+    """Background sampler of :func:`tree_memory`; ``metrics()`` gives the current values and the peaks."""
+
+    def __init__(self, interval_s: float = 1.0, root_pid: int | None = None):
+        self.interval_s = interval_s
+        self.root_pid = root_pid or os.getpid()
+        self.peak_pss_gib = 0.0
+        self.peak_rss_gib = 0.0
+        self.last: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def sample(self) -> dict[str, float]:
+        m = tree_memory(self.root_pid)
+        with self._lock:
+            self.last = m
+            self.peak_pss_gib = max(self.peak_pss_gib, m["pss_gib"])
+            self.peak_rss_gib = max(self.peak_rss_gib, m["rss_gib"])
+        return m
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def start(self) -> MemoryMonitor:
+        if self._thread is None:
+            self.sample()
+            self._thread = threading.Thread(target=self._loop, name="rlkit-memory", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5 * self.interval_s + 1)
+            self._thread = None
+
+    def metrics(self) -> dict[str, float]:
+        """``sys/mem_*`` metrics: the current tree PSS/RSS and the peaks since :meth:`start`."""
+        with self._lock:
+            last = dict(self.last)
+            return {"sys/mem_pss_gib": last.get("pss_gib", 0.0), "sys/mem_rss_gib": last.get("rss_gib", 0.0),
+                    "sys/mem_pss_peak_gib": self.peak_pss_gib, "sys/mem_rss_peak_gib": self.peak_rss_gib,
+                    "sys/procs": last.get("procs", 0.0)}
+
+    def __enter__(self) -> MemoryMonitor:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

