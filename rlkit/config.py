@@ -286,6 +286,16 @@ class ClusterConfig(_Section):
     max_actor_restarts: int = Field(
         3, ge=0, description="Times each rollout engine actor may die and be recreated (re-synced to the current "
         "weights, its requests retried) before the run fails.")
+    weight_sync: Literal["object_store", "collective", "cuda_ipc"] = Field(
+        "object_store", description="How weights reach the engines after each update (rlkit.orchestration."
+        "weight_sync): object_store = through Ray's object store; collective = broadcast from learner rank 0 in "
+        "a private process group (NCCL when learner and engines have GPUs, else gloo); cuda_ipc = CUDA IPC "
+        "handles to each learner rank's GPU copy (cluster.placement=colocated with GPUs).")
+    sync_bucket_mb: float = Field(
+        256.0, gt=0.0, description="collective / cuda_ipc: largest bucket (whole layers) gathered and sent at a "
+        "time, MiB.")
+    sync_timeout_s: float = Field(
+        600.0, gt=0.0, description="collective: rendezvous and broadcast timeout of the weight-sync group.")
 
 
 class SegmentsConfig(_Section):

@@ -39,6 +39,31 @@ def check_combinations(c: Config) -> None:
     from rlkit.orchestration.placement import check_cluster_config
 
     check_cluster_config(c)
+    _check_weight_sync(c)
+
+
+def _check_weight_sync(c: Config) -> None:
+    """cluster.weight_sync against the placement (rlkit.orchestration.weight_sync)."""
+    cl, e = c.cluster, c.engine
+    gpus = f"cluster.learner_gpus={cl.learner_gpus}, cluster.engine_gpus={cl.engine_gpus}"
+    if cl.weight_sync == "cuda_ipc":
+        if cl.placement != "colocated" or cl.engine_gpus == 0:
+            raise ValueError(
+                f"cluster.weight_sync=cuda_ipc needs the learner and each engine on one GPU: set "
+                f"cluster.placement=colocated and cluster.engine_gpus>0 (got cluster.placement={cl.placement}, "
+                f"{gpus}); on CPU or split GPUs use cluster.weight_sync=object_store or collective")
+        if e.tensor_parallel_size > 1:
+            raise ValueError(f"cluster.weight_sync=cuda_ipc supports engine.tensor_parallel_size=1 only (got "
+                             f"{e.tensor_parallel_size}); use cluster.weight_sync=collective with "
+                             "cluster.placement=split")
+        if e.name == "vllm" and not e.vllm.in_process:
+            raise ValueError("cluster.weight_sync=cuda_ipc loads the opened tensors in the engine actor: it needs "
+                             "engine.vllm.in_process=true")
+    if cl.weight_sync == "collective" and cl.placement == "colocated" and cl.engine_gpus > 0:
+        raise ValueError(
+            f"cluster.weight_sync=collective with cluster.placement=colocated and GPUs ({gpus}) puts learner rank 0 "
+            "and engine 0 on one GPU, which one NCCL group cannot hold; use cluster.weight_sync=cuda_ipc (colocated) "
+            "or cluster.placement=split")
 
 
 def _check_engine(c: Config) -> None:

@@ -20,7 +20,10 @@ Semantics, matched to the HF engine (``rollout.hf``):
   to every worker (``rollout.vllm_worker.RlkitWorkerExtension``), which reloads them in place with
   vLLM's ``reload_weights``; the prefix cache is then reset. Under LoRA only adapter tensors arrive: they are
   written as a PEFT adapter directory (under ``/dev/shm`` when it exists) and served through a new
-  ``LoRARequest`` (new int id per version; the previous adapter is removed).
+  ``LoRARequest`` (new int id per version; the previous adapter is removed). With a weight-sync
+  group (``join_sync_group`` / ``receive_sync``, rlkit's ``cluster.weight_sync=collective``) every
+  worker joins the group and receives the learner's broadcast buckets itself (whole layers each),
+  then reloads them the same way; LoRA adapters go to the engine, which serves them as above.
 - **Sleep.** ``sleep``/``wake`` use vLLM's sleep mode level 1 (weights to host memory, KV cache
   dropped) on CUDA; no-ops on CPU.
 - **Logits processors.** Only HAPO's ``AdaptiveTemperature`` (engine.adaptive_temperature) has a vLLM
@@ -115,6 +118,7 @@ class VLLMEngine:
         self.seed = int(seed)
         self.policy_version = 0
         self.weight_bucket_bytes = int(weight_bucket_mb * 2**20)
+        self._tp = int(tensor_parallel_size)
         self.lora = dict(lora) if lora else None
         self._extra = vllm_extra_args(list(logits_processors or []))  # validates now, not mid-run
         self._on_gpu = torch.cuda.is_available()
@@ -208,14 +212,40 @@ class VLLMEngine:
     def load_weights(self, state: Mapping[str, Any], version: int | None = None) -> None:
         """Full weights in place by name, or (LoRA engine) a new adapter version; bumps
         (or sets) ``policy_version``. See the module doc."""
-        if "weights" in self._asleep:  # sleeping weights live in host memory: bring them back first
-            self.llm.wake_up(tags=["weights"])
-            self._asleep.remove("weights")
+        self._wake_weights()
         if self.lora:
             self._load_adapter(state)
         else:
             self._load_full(state)
         self.policy_version = self.policy_version + 1 if version is None else int(version)
+
+    def _wake_weights(self) -> None:
+        if "weights" in self._asleep:  # sleeping weights live in host memory: bring them back first
+            self.llm.wake_up(tags=["weights"])
+            self._asleep.remove("weights")
+
+    # weight-sync group (rollout.weight_transfer.SyncGroup): one member per tensor-parallel worker
+    def sync_group_size(self) -> int:
+        return self._tp
+
+    def join_sync_group(self, host: str, port: int, first_rank: int, world_size: int, backend: str,
+                        timeout_s: float) -> None:
+        """Every worker joins as rank ``first_rank + its TP rank`` (blocks until the group is complete)."""
+        self.llm.collective_rpc("rlkit_join_sync_group", args=(host, port, first_rank, world_size, backend, timeout_s))
+
+    def receive_sync(self, version: int) -> None:
+        """Receive one broadcast sync (every worker), load it in place (or serve the adapter)."""
+        self._wake_weights()
+        if self.lora:
+            outs = self.llm.collective_rpc("rlkit_receive_weights", args=(True,))
+            self._load_adapter(next(o for o in outs if isinstance(o, dict)))
+        else:
+            self.llm.collective_rpc("rlkit_receive_weights", args=(False,))
+            self.llm.reset_prefix_cache()
+        self.policy_version = int(version)
+
+    def leave_sync_group(self) -> None:
+        self.llm.collective_rpc("rlkit_leave_sync_group")
 
     def _load_full(self, state: Mapping[str, Any]) -> None:
         items = ((_canonical_name(k), torch.as_tensor(v)) for k, v in state.items())

@@ -138,9 +138,7 @@ def test_fault_matrix_inline_keeps_memory_flat_and_leaves_nothing(fault_file, li
     with RewardManager(_specs(fault_file, port), mode="inline") as rm:
         gc.collect()
         rss_before = psutil.Process().memory_info().rss
-        t0 = time.monotonic()
         total, metrics, per = rm.score(BATCH, {})
-        elapsed = time.monotonic() - t0
         gc.collect()
         rss_after = psutil.Process().memory_info().rss
         _check_faults(metrics, per, total)
@@ -149,7 +147,6 @@ def test_fault_matrix_inline_keeps_memory_flat_and_leaves_nothing(fault_file, li
         assert all(per2[name] == [1.0] for name in FAULTS)
         assert rm.totals["reward/fork_bomb/timeouts"] == 1 and rm.totals["reward/alloc_4gib/failures"] == 1
     assert rss_after - rss_before < 32 << 20, f"RSS grew by {(rss_after - rss_before) >> 20} MiB"
-    assert elapsed < 60
     with pytest.raises(BlockingIOError):
         listener.accept()  # the socket verifier never got out of its network namespace
     assert _sandbox_leftovers() == []

@@ -157,6 +157,50 @@ def test_load_full_weights_in_place(engines):
     assert _maxdiff(eng.score([prompt], [cont])[0], after) < TOL
 
 
+def test_weight_sync_group_broadcast_loads_in_place(engines):
+    """cluster.weight_sync=collective on the vLLM side: the worker joins a gloo group as rank 1 and
+    reloads the buckets rank 0 (a thread here, standing in for the learner) broadcasts."""
+    import socket
+    import threading
+
+    from rollout.weight_transfer import SyncGroup, plan_buckets
+
+    eng, hf = engines
+    prompt = hf.tokenizer("7 + 2 =")["input_ids"]
+    cont = [40, 41, 42, 43]
+    before = eng.score([prompt], [cont])[0]
+    g = torch.Generator().manual_seed(5)
+    new = {k: v.detach().cpu() + 0.05 * torch.randn(v.shape, generator=g) for k, v in hf.model.state_dict().items()}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    errors: list[BaseException] = []
+
+    def learner() -> None:
+        try:
+            grp = SyncGroup.join("127.0.0.1", port, 0, 2, "gloo", 60.0)
+            plan = plan_buckets({k: v.numel() * v.element_size() for k, v in new.items()}, 64 * 1024)
+            for i, names in enumerate(plan):
+                grp.send_bucket({k: new[k] for k in names}, last=i == len(plan) - 1)
+            grp.close()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=learner)
+    t.start()
+    assert eng.sync_group_size() == 1
+    eng.join_sync_group("127.0.0.1", port, 1, 2, "gloo", 60.0)
+    eng.receive_sync(version=9)
+    eng.leave_sync_group()
+    t.join(120)
+    assert not errors, errors
+    hf.load_weights(new, version=9)
+    after = eng.score([prompt], [cont])[0]
+    assert eng.policy_version == 9
+    assert _maxdiff(after, hf.score([prompt], [cont])[0]) < TOL
+    assert _maxdiff(after, before) > 1e-2
+
+
 def test_lora_adapters_load_as_new_versions(model_dir):
     from peft import get_peft_model_state_dict
 

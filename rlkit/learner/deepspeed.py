@@ -15,7 +15,9 @@ Departures from the torch learner, and why:
 - Methods that gather (``state_for_sync``, ``checkpoint_state``, ``export``, ``entropy_stats``,
   ``compute_logprobs``) are collectives: call them on every rank. Rank 0 returns the full result,
   other ranks return ``None`` where noted. ZeRO-3 gathers full weights for sync a bucket of
-  parameters at a time (``learner.deepspeed.sync_bucket_mb``), never the whole model at once.
+  parameters at a time (``learner.deepspeed.sync_bucket_mb``), never the whole model at once;
+  the collective / CUDA IPC syncs (``rlkit.orchestration.weight_sync``) go further and gather, send
+  and free one ``sync_bucket`` at a time.
 - Checkpoints hold the full (or adapter) weights plus every rank's ZeRO optimizer shard; resuming
   needs the same ``num_ranks`` and ZeRO stage.
 - The optimizer is torch AdamW as a DeepSpeed client optimizer (no JIT-built DeepSpeed ops); a
@@ -48,12 +50,9 @@ from rlkit.learner.torch_learner import (
     update_schedule,
 )
 from rollout.engine import bucket_indices  # noqa: F401  (re-exported: weight-sync buckets)
+from rollout.weight_transfer import DistributedInitError, rendezvous_store
 
 CKPT_FORMAT = "rlkit-deepspeed-zero"
-
-
-class DistributedInitError(RuntimeError):
-    """torch.distributed rendezvous failed; the message names the ranks and the address."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -81,30 +80,11 @@ def init_process_group(
                 f"cannot become rank {rank} of {world_size}"
             )
         return
-    addr = f"tcp://{master_addr}:{master_port}"
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK="0")  # one device per rank actor
     timeout = timedelta(seconds=timeout_s)
-    try:
-        store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=timeout,
-                              wait_for_workers=False)
-    except Exception as e:  # noqa: BLE001  (DistNetworkError, DistStoreError, RuntimeError ...)
-        who = "could not listen on" if rank == 0 else "could not reach the rank-0 store at"
-        raise DistributedInitError(
-            f"rank {rank} of {world_size} ({backend}) {who} {addr} within {timeout_s:g}s: {e}. "
-            "Check that rank 0 started and that this address is reachable from every rank."
-        ) from e
-    keys = [f"rlkit/joined/{r}" for r in range(world_size)]
-    store.set(keys[rank], "1")
-    try:
-        store.wait(keys, timeout)
-    except Exception as e:  # noqa: BLE001
-        missing = [r for r, k in enumerate(keys) if not store.check([k])]
-        raise DistributedInitError(
-            f"rank {rank} of {world_size} ({backend}): ranks {missing} did not join the rendezvous at {addr} "
-            f"within {timeout_s:g}s (learner.deepspeed.timeout_s). Check that those rank actors started "
-            "and can reach that address."
-        ) from e
+    store = rendezvous_store(master_addr, master_port, rank, world_size, timeout_s, what=backend,
+                             timeout_key="learner.deepspeed.timeout_s")
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
@@ -377,9 +357,11 @@ class DeepSpeedLearner:
         return None if stats is None else [float(x) for x in stats]
 
     # ------------------------------------------------------------------ sync / checkpoint
-    def _gathered(self, names: set[str] | None = None) -> dict[str, Tensor] | None:
-        """CPU copies of the module's state-dict entries (all, or ``names``) on rank 0; ``None``
-        elsewhere. Under ZeRO-3 the partitioned weights are gathered one bucket at a time."""
+    def _gathered(self, names: set[str] | None = None, *, device: torch.device | str = "cpu",
+                  every_rank: bool = False) -> dict[str, Tensor] | None:
+        """Copies on ``device`` of the module's state-dict entries (all, or ``names``) on rank 0 (on
+        every rank with ``every_rank``); ``None`` elsewhere. Under ZeRO-3 the partitioned weights are
+        gathered one bucket at a time."""
         import deepspeed
 
         entries = [(k, v) for k, v in self.module.state_dict(keep_vars=True).items() if names is None or k in names]
@@ -392,10 +374,12 @@ class DeepSpeedLearner:
             by_id[id(v)].append(k)
         out: dict[str, Tensor] = {}
 
+        keep = self.rank == 0 or every_rank
+
         def take(ts: list[Tensor]) -> None:
-            if self.rank == 0:
+            if keep:
                 for t in ts:
-                    c = t.detach().to("cpu", copy=True)
+                    c = t.detach().to(device, copy=True)
                     for k in by_id[id(t)]:
                         out[k] = c
 
@@ -406,7 +390,7 @@ class DeepSpeedLearner:
             params = [zero[i] for i in bucket]
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 take(params)
-        return out if self.rank == 0 else None
+        return out if keep else None
 
     def _trainable_names(self) -> set[str]:
         ids = {id(p) for p in self.module.parameters() if p.requires_grad}
@@ -421,6 +405,27 @@ class DeepSpeedLearner:
 
         sd = self._gathered(self._trainable_names())
         return None if sd is None else dict(get_peft_model_state_dict(self.module, state_dict=sd))
+
+    def sync_plan(self, bucket_bytes: int) -> list[list[str]]:
+        """Names of each weight-sync bucket (whole layers, at most ``bucket_bytes``), for
+        :meth:`sync_bucket`; from parameter metadata, nothing is gathered. The same on every rank."""
+        from rollout.weight_transfer import plan_buckets
+
+        names = self._trainable_names() if self.lora else None
+        sizes = {k: int(getattr(v, "ds_numel", v.numel())) * v.element_size()
+                 for k, v in self.module.state_dict(keep_vars=True).items() if names is None or k in names}
+        return plan_buckets(sizes, bucket_bytes)
+
+    def sync_bucket(self, names: list[str], device: torch.device | str = "cpu",
+                    every_rank: bool = False) -> dict[str, Tensor] | None:
+        """One bucket of :meth:`state_for_sync` (collective: ZeRO-3 gathers just these weights), as
+        copies on ``device``; rank 0 gets it (every rank with ``every_rank``), the others ``None``."""
+        sd = self._gathered(set(names), device=device, every_rank=every_rank)
+        if sd is None or not self.lora:
+            return sd
+        from peft import get_peft_model_state_dict
+
+        return dict(get_peft_model_state_dict(self.module, state_dict=sd))
 
     def checkpoint_state(self) -> dict[str, Any] | None:
         """Weights (as :meth:`state_for_sync`), every rank's ZeRO optimizer shard and the LR

@@ -13,7 +13,10 @@ the middle of a call (``RayActorError``: process killed, OOM, node lost), the po
 Each engine may be recreated ``cluster.max_actor_restarts`` times; one more death raises
 :class:`EngineFailure` naming the key. Restarts are counted in ``cluster/actor_restarts``. The cost:
 the synced tensors (the full weights, or only the LoRA adapter) stay in the object store until the
-next sync replaces them, one copy.
+next sync replaces them, one copy. With ``cluster.weight_sync=collective|cuda_ipc``
+(:mod:`rlkit.orchestration.weight_sync`) nothing is kept: a recreated engine is loaded with the
+learner's current state through the object store, and the weight-sync group is formed again, with
+the new engine, at the next sync.
 
 Why not Ray's own ``max_restarts`` / ``max_task_retries``: Ray would re-run ``__init__`` and then
 replay the failed task right away, on an engine still holding the initial weights (a silently
@@ -80,7 +83,8 @@ class EnginePool:
     """
 
     def __init__(self, specs: list[EngineSpec], *, max_restarts: int = 3,
-                 log: Callable[[str], Any] | None = None, owned: list[Any] | None = None):
+                 log: Callable[[str], Any] | None = None, owned: list[Any] | None = None,
+                 weight_sync: Any = None):
         if not specs:
             raise ValueError("an EnginePool needs at least one engine")
         self.specs = list(specs)
@@ -92,6 +96,10 @@ class EnginePool:
         self.events: list[RestartEvent] = []
         self._state: Any = None  # ObjectRef of the last synced weights (what every engine holds)
         self.version: int | None = None
+        # cluster.weight_sync: a CollectiveSync / CudaIpcSync, None = the object store
+        self.weight_sync = weight_sync
+        self._learner: Any = None  # the learner of the last collective/IPC sync (restarts load from it)
+        self.last_sync: dict[str, float] = {}  # what the last collective/IPC sync reported (bytes, seconds)
 
     # ------------------------------------------------------------------ lifecycle
     @staticmethod
@@ -112,6 +120,11 @@ class EnginePool:
     def shutdown(self) -> None:
         import ray
 
+        if self.weight_sync is not None:
+            try:
+                self.weight_sync.close()
+            except Exception:  # Ray down / actors gone
+                pass
         for a in self.actors:
             try:
                 ray.kill(a, no_restart=True)
@@ -142,8 +155,11 @@ class EnginePool:
         try:
             ray.get(new.ready.remote())
             t1 = time.perf_counter()
-            if self._state is not None:  # before it serves: the weights its peers hold
-                ray.get(new.load_weights.remote(self._state, self.version))
+            state = self._state
+            if state is None and self._learner is not None:  # collective/IPC sync: nothing kept, ask the learner
+                state = self._learner.state_for_sync.remote()
+            if state is not None:  # before it serves: the weights its peers hold
+                ray.get(new.load_weights.remote(state, self.version))
         except ray.exceptions.RayError as e:
             raise EngineFailure(f"rollout engine {k} died ({reason}) and could not be recreated: {e}") from e
         t2 = time.perf_counter()
@@ -227,9 +243,27 @@ class EnginePool:
         return time.perf_counter() - t0
 
     def sync(self, learner: Any, version: int) -> float:
-        """Learner state -> object store -> every engine (kept for restarts). Returns seconds spent."""
+        """The learner's weights -> every engine, the ``cluster.weight_sync`` way. Returns seconds spent.
+
+        Object store: the state is kept for restarts. Collective / CUDA IPC: an engine that dies
+        during the sync makes this sync fall back to the object store (for all engines, the dead one
+        recreated); the group is formed again at the next sync.
+        """
         t0 = time.perf_counter()
-        self.load_state(learner.state_for_sync.remote(), version)
+        if self.weight_sync is None:
+            self.load_state(learner.state_for_sync.remote(), version)
+            return time.perf_counter() - t0
+        from rlkit.orchestration.weight_sync import SyncMemberDied
+
+        try:
+            self.last_sync = self.weight_sync.sync(self.actors, learner, version)
+        except SyncMemberDied as e:
+            self.log(f"{e}; loading policy version {version} through the object store instead "
+                     f"(cluster.weight_sync={self.weight_sync.mode} resumes at the next sync)")
+            self.load_state(learner.state_for_sync.remote(), version)
+            self._learner = learner
+            return time.perf_counter() - t0
+        self._state, self.version, self._learner = None, version, learner  # frees the stored copy, if any
         return time.perf_counter() - t0
 
     def sleep(self) -> None:

@@ -3,7 +3,9 @@
 The embedded default runs both on one CPU box under a local Ray that listens on loopback only.
 Generation and training alternate, so each actor may use every core (torch threads are set
 explicitly: Ray would otherwise pin OMP threads to the actor's 1-CPU reservation).
-Weights travel learner -> object store -> engines (``sync_weights``).
+Weights travel learner -> object store -> engines (``sync_weights``), or through a private process
+group / CUDA IPC (``cluster.weight_sync``; the ``sync_*`` / ``ipc_*`` methods, driven by
+:mod:`rlkit.orchestration.weight_sync`).
 """
 
 from __future__ import annotations
@@ -83,6 +85,9 @@ class RolloutWorker:
             from rlkit.budget_eval import attach_budget_guidance
 
             attach_budget_guidance(self.engine, guidance, guidance_params)
+        from rlkit.orchestration.weight_sync import EngineSyncEndpoint
+
+        self._sync = EngineSyncEndpoint(self.engine)
 
     def generate(self, requests):
         t0 = time.perf_counter()
@@ -104,6 +109,28 @@ class RolloutWorker:
                      for k, v in state.items()}
         self.engine.load_weights(state, version=version)
         return time.perf_counter() - t0
+
+    # cluster.weight_sync=collective|cuda_ipc (rlkit.orchestration.weight_sync)
+    def sync_group_size(self) -> int:
+        return self._sync.group_size()
+
+    def sync_group_join(self, host: str, port: int, first_rank: int, world_size: int, backend: str,
+                        timeout_s: float) -> None:
+        self._sync.join(host, port, first_rank, world_size, backend, timeout_s)
+
+    def sync_receive(self, version: int) -> dict[str, float]:
+        return self._sync.receive(version)
+
+    def sync_group_leave(self) -> None:
+        self._sync.leave()
+
+    def device_uuid(self) -> str | None:
+        from rollout.weight_transfer import device_uuid
+
+        return device_uuid()
+
+    def load_ipc(self, handle, entries, version: int) -> float:
+        return self._sync.load_ipc(handle, entries, version)
 
     def sleep(self) -> None:
         """Free accelerator memory for a colocated learner (vLLM sleep level 1; HF: weights to host)."""
@@ -131,6 +158,7 @@ class LearnerWorker:
     def __init__(self, model_path: str, cfg: Config, threads: int | None, rank: int | None = None):
         _threads(threads)
         self._model_path, self._cfg, self.rank = model_path, cfg, rank
+        self._sync: Any = None  # LearnerSyncEndpoint, made on first use
         if rank is not None:
             return
         from rlkit.learner.torch_learner import TorchLearner
@@ -188,6 +216,32 @@ class LearnerWorker:
         return None if state is None else {k: v.numpy() if v.dtype != torch.bfloat16 else v  # numpy has no bfloat16
                                            for k, v in state.items()}
 
+    # cluster.weight_sync=collective|cuda_ipc (rlkit.orchestration.weight_sync); DeepSpeed: on every rank
+    def _endpoint(self):
+        if self._sync is None:
+            from rlkit.orchestration.weight_sync import LearnerSyncEndpoint
+
+            self._sync = LearnerSyncEndpoint(self.learner, self.rank)
+        return self._sync
+
+    def sync_group_join(self, host: str, port: int, world_size: int, backend: str, timeout_s: float) -> None:
+        self._endpoint().join(host, port, world_size, backend, timeout_s)
+
+    def sync_send(self, bucket_bytes: int):
+        return self._endpoint().send(bucket_bytes)
+
+    def sync_group_leave(self) -> None:
+        self._endpoint().leave()
+
+    def sync_plan(self, bucket_bytes: int) -> list[list[str]]:
+        return self._endpoint().plan(bucket_bytes)
+
+    def ipc_bucket(self, names: list[str]):
+        return self._endpoint().ipc_bucket(names)
+
+    def ipc_release(self) -> None:
+        self._endpoint().ipc_release()
+
     def checkpoint_state(self):
         return self.learner.checkpoint_state()
 
@@ -219,7 +273,8 @@ class DeepSpeedLearnerGroup:
     """
 
     METHODS = ("train_step", "entropy_stats", "state_for_sync", "checkpoint_state", "load_checkpoint_state",
-               "export", "info", "compute_logprobs", "gradients")
+               "export", "info", "compute_logprobs", "gradients", "node", "free_port",
+               "sync_group_join", "sync_send", "sync_group_leave", "sync_plan")
 
     def __init__(self, ranks: list, placement: Any = None):
         # placement: the Placement this group owns (removed by shutdown); None when shared with engines
@@ -332,8 +387,11 @@ def spawn_actors(cfg: Config, model_path: str, engine_kwargs: dict[str, Any]):
                       "the learner and the engines run on CPU", stacklevel=2)
     pool = learner = None
     try:
+        from rlkit.orchestration.weight_sync import make_weight_sync
+
         pool = EnginePool(engine_specs(cfg, model_path, engine_kwargs, placement),
-                          max_restarts=cfg.cluster.max_actor_restarts, owned=[placement])
+                          max_restarts=cfg.cluster.max_actor_restarts, owned=[placement],
+                          weight_sync=make_weight_sync(cfg.cluster))
         if cfg.learner.name == "deepspeed":  # engines load while the ranks rendezvous
             learner = spawn_deepspeed_learner(cfg, model_path, cfg.learner.num_threads, placement)
         else:
