@@ -61,6 +61,7 @@ class _Row:
     seed: int
     processors: list[LogitsProcessor]
     budget: int | None
+    resumed: int = 0  # trailing context tokens that are this response's earlier segments (resume_ids)
 
 
 @dataclass
@@ -83,6 +84,7 @@ class _Batch:
     done: torch.Tensor  # (b,) bool
     gens: list[torch.Generator]
     stops: list[tuple[str, ...]]
+    resumed: list[int]  # resume_ids per row: a stop string may start in them and end in new tokens
 
     @classmethod
     def build(cls, rows: list[_Row], P: int, T_max: int, pad_id: int, dev: torch.device) -> _Batch:
@@ -107,6 +109,7 @@ class _Batch:
             done=torch.zeros(B, dtype=torch.bool, device=dev),
             gens=[torch.Generator(device=dev).manual_seed(r.seed) for r in rows],
             stops=[r.params.stop for r in rows],
+            resumed=[r.resumed for r in rows],
         )
 
     def select(self, keep: torch.Tensor) -> None:
@@ -116,6 +119,7 @@ class _Batch:
         idx = keep.tolist()
         self.gens = [self.gens[i] for i in idx]
         self.stops = [self.stops[i] for i in idx]
+        self.resumed = [self.resumed[i] for i in idx]
 
 
 def _last_hidden(res: Any) -> torch.Tensor:
@@ -234,7 +238,8 @@ class HFEngine:
             procs = self.logits_processors + list(req.meta.get("logits_processors", []))
             for j in range(req.params.n):
                 base = (req.params.seed,) if req.params.seed is not None else (self.seed, self._calls, ri)
-                rows.append(_Row(ri, j, context, req.params, _mix_seed(*base, j), procs, req.budget))
+                rows.append(_Row(ri, j, context, req.params, _mix_seed(*base, j), procs, req.budget,
+                                 len(req.resume_ids)))
         # group rows sharing processors, shortest contexts together (less padding per chunk)
         order = sorted(
             range(len(rows)),
@@ -301,7 +306,7 @@ class HFEngine:
             bt.ngen = bt.ngen + live_b.long()
             eos_b = torch.isin(tok_b, self._eos_t) & live_b
             len_b = (bt.ngen >= bt.maxnew) & live_b
-            stop_b = self._stop_hits(bt.ids, P, step, bt.stops, live_b & ~eos_b)
+            stop_b = self._stop_hits(bt.ids, P, step, bt.stops, live_b & ~eos_b, bt.resumed)
             new_done_b = eos_b | len_b | stop_b
             for i in torch.nonzero(new_done_b).flatten().tolist():
                 o = int(bt.orig[i])
@@ -351,7 +356,7 @@ class HFEngine:
         return cache, logits
 
     def _stop_hits(self, ids_bT: torch.Tensor, P: int, step: int, stops: list[tuple[str, ...]],
-                   check_b: torch.Tensor) -> torch.Tensor:
+                   check_b: torch.Tensor, resumed: list[int]) -> torch.Tensor:
         """(b,) bool: rows whose decoded generated tail now contains one of their stop strings."""
         hit_b = torch.zeros_like(check_b)
         rows = [i for i in range(len(stops)) if stops[i]]
@@ -362,9 +367,15 @@ class HFEngine:
             if not check[i]:
                 continue
             window = 2 * max(len(s) for s in stops[i]) + 4  # tokens; >= the chars of any stop
-            lo = max(P, P + step + 1 - window)
+            # a resumed segment: the stop string may begin in the earlier segments' tail
+            lo = max(P - min(resumed[i], window), P + step + 1 - window)
             tail = self.tokenizer.decode(ids_bT[i, lo : P + step + 1].tolist(), skip_special_tokens=True)
-            if any(s in tail for s in stops[i]):
+            if lo < P:  # only a stop string that ends in this call's tokens counts
+                prev = self.tokenizer.decode(ids_bT[i, lo:P].tolist(), skip_special_tokens=True)
+                hit = any(tail.count(s) > prev.count(s) for s in stops[i])
+            else:
+                hit = any(s in tail for s in stops[i])
+            if hit:
                 hit_b[i] = True
         return hit_b
 

@@ -300,3 +300,30 @@ def test_cuda_greedy_matches_cpu(tiny_model_dir: str, prompt_ids: list[list[int]
     assert next(eng.model.parameters()).device.type == "cpu"
     eng.wake()
     assert len(eng.generate(_reqs(prompt_ids, SamplingParams(max_new_tokens=4, n=2)))) == 8
+
+
+def test_stop_string_across_a_resume_boundary(engine: HFEngine, prompt_ids: list[list[int]]) -> None:
+    """A segment resumed from ``resume_ids`` stops on a stop string that began in the earlier segment."""
+    params = SamplingParams(max_new_tokens=24, temperature=0.0)
+    full = max(engine.generate(_reqs(prompt_ids, params)), key=lambda c: len(c.text))
+    dec = engine.tokenizer.decode
+    for k in range(2, len(full.token_ids) - 2):
+        before, new = dec(full.token_ids[:k]), dec(full.token_ids[: k + 1])
+        if len(before) < 2 or len(new) <= len(before) or not new.startswith(before):
+            continue
+        stop = before[-2:] + new[len(before)]  # two chars of segment 1, one of segment 2
+        if stop not in before and stop not in new[len(before) - 1 :] and new.count(stop) == 1:
+            break
+    else:
+        pytest.skip("no token boundary gives a stop string that only spans it")
+    req = RolloutRequest(full.prompt_ids, SamplingParams(max_new_tokens=24, temperature=0.0, stop=(stop,)),
+                         resume_ids=list(full.token_ids[:k]))
+    (c,) = engine.generate([req])
+    assert c.finish_reason == "stop" and c.token_ids == full.token_ids[k : k + 1]
+    # a stop string entirely inside the resumed text is history, not a new stop
+    old = before[:3]
+    req = RolloutRequest(full.prompt_ids, SamplingParams(max_new_tokens=4, temperature=0.0, stop=(old,)),
+                         resume_ids=list(full.token_ids[:k]))
+    (c,) = engine.generate([req])
+    assert c.token_ids == full.token_ids[k : k + len(c.token_ids)]
+    assert c.finish_reason == "length" or old in dec(full.token_ids[: k + len(c.token_ids)])[len(before) - len(old) + 1 :]
