@@ -57,6 +57,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         guidance = args.guidance or (cfg.model.budget_guidance if budgets else None)
         if args.guidance and budgets is None:
             raise ValueError("--guidance needs --budgets (guidance acts on a token budget), e.g. --budgets 64,128,256")
+        if guidance and cfg.engine.name != "hf":
+            raise ValueError(f"--guidance needs engine.name=hf (got {cfg.engine.name!r}): guided sampling reads "
+                             "every layer's hidden state at each decode step")
         if guidance:
             check_predictor_dir(guidance)
     except (ValueError, FileNotFoundError) as e:
@@ -113,17 +116,21 @@ def _eval_budgets(args, cfg, rows, encode, engine, budgets, guidance, model) -> 
 
 
 def _engine_for(model_path: str, adapter_dir: str | None, cfg):
-    """An in-process HF engine; a PEFT adapter dir is loaded on top of its base model."""
-    from rollout.hf import HFEngine
+    """An in-process ``engine.name`` engine (hf, or vllm with ``engine.vllm.*``); a PEFT adapter dir
+    is loaded on top of its base model (only the adapter tensors, as a weight sync would)."""
+    from rollout.engine import get_engine_class
 
     kw = dict(dtype=cfg.model.dtype, max_batch_size=cfg.eval.batch_size, seed=cfg.seed)
+    if cfg.engine.name == "vllm":
+        kw.update(cfg.engine.vllm.model_dump(), tensor_parallel_size=cfg.engine.tensor_parallel_size)
+    cls = get_engine_class(cfg.engine.name)
     if adapter_dir is None:
-        return HFEngine(model_path, **kw)
+        return cls(model_path, **kw)
     from safetensors.torch import load_file
 
     ac = json.loads(Path(adapter_dir, "adapter_config.json").read_text())
     lora = {"rank": ac["r"], "alpha": ac["lora_alpha"], "dropout": 0.0, "target_modules": ac["target_modules"]}
-    engine = HFEngine(model_path, lora=lora, **kw)
+    engine = cls(model_path, lora=lora, **kw)
     engine.load_weights(load_file(str(Path(adapter_dir, "adapter_model.safetensors"))))
     return engine
 

@@ -286,3 +286,28 @@ def test_adaptive_temperature_processor_under_both_model_runner_interfaces():
     with pytest.raises(ValueError, match="4 stats"):
         AdaptiveTemperatureProcessor.validate_params(
             VSamplingParams(temperature=1.0, extra_args={ADAPTIVE_TEMPERATURE_KEY: {"stats": [1.0]}}))
+
+
+def test_rlkit_eval_engine_is_vllm_with_a_peft_adapter_dir(model_dir, tmp_path):
+    """``rlkit eval RUN_DIR engine.name=vllm``: the trained adapter dir is loaded into a vLLM engine."""
+    from rlkit.cli import _engine_for
+    from rlkit.config import load_config
+
+    hf = HFEngine(model_dir, num_threads=1, lora=LORA, device="cuda" if ON_GPU else "cpu")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in hf.model.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    hf.model.save_pretrained(tmp_path / "adapter")  # adapter_config.json + adapter_model.safetensors
+    cfg = load_config(None, ["engine.name=vllm", "model.dtype=float32", "eval.batch_size=16",
+                             "engine.vllm.enforce_eager=true", "engine.vllm.max_model_len=256",
+                             "engine.vllm.gpu_memory_utilization=0.3"])
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    eng = _engine_for(model_dir, str(tmp_path / "adapter"), cfg)
+    try:
+        assert type(eng).__name__ == "VLLMEngine"
+        prompt, cont = hf.tokenizer("8 + 1 =")["input_ids"], [50, 51, 52, 53]
+        assert _maxdiff(eng.score([prompt], [cont])[0], hf.score([prompt], [cont])[0]) < 5 * TOL
+    finally:
+        eng.close()

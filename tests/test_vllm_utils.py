@@ -285,3 +285,12 @@ def test_config_engine_checks():
         with pytest.raises(ConfigError, match="per-token entropies"):
             load_config(spae, ["engine.name=vllm"])
     assert math.isfinite(load_config(quick).engine.vllm.weight_bucket_mb)
+
+
+def test_eval_guidance_with_vllm_is_a_clear_error(capsys):
+    from rlkit.cli import main
+
+    rc = main(["eval", str(ROOT / "recipes/quickstart.yaml"), "engine.name=vllm", "--budgets", "64",
+               "--guidance", "/nonexistent/predictor"])
+    assert rc == 2
+    assert "--guidance needs engine.name=hf (got 'vllm')" in capsys.readouterr().err
