@@ -33,13 +33,18 @@ def test_method_trains_logs_and_inspects(tiny_model_dir, tmp_path, method):
     recipe, extra, prefix = METHODS[method]
     ov = tiny_overrides(tiny_model_dir, tmp_path, method, steps=2) + [
         "eval.after=false", "checkpoint.every=0", "checkpoint.export_final=false", "tracking.inspect_groups=1",
-        *extra,
+        "tracking.tensorboard=true", *extra,
     ]
     cfg = load_config(ROOT / recipe, ov)
     Trainer(cfg).run()
     m = read_metrics(tmp_path / method)
     assert [x["step"] for x in m] == [1, 2]
     assert any(k.startswith(prefix) for k in m[-1]), sorted(m[-1])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (tmp_path / method / "tb").glob("events.out.tfevents.*")
+    tags = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    assert any(t.startswith(prefix) for t in tags) and "actor/entropy" in tags, tags  # the method's own metrics
     html = render_inspect(tmp_path / method).read_text()
     assert "advantage" in html and method in (tmp_path / method / "config.yaml").read_text()
     if method == "hapo":
