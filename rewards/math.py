@@ -20,6 +20,7 @@ import threading
 from functools import lru_cache
 from typing import Any
 
+from rewards.format import last_boxed
 from rewards.registry import completion_text, reward
 
 PARSE_TIMEOUT_S = 5
@@ -129,10 +130,14 @@ def _score_one(text: str, gold: list[Any]) -> float:
     return 1.0 if ok else 0.0
 
 
-def math_reward(completions: list[Any], answer: list[Any], **columns: Any) -> list[float | None]:
+def math_reward(
+    completions: list[Any], answer: list[Any], *, require_boxed: bool = False, **columns: Any
+) -> list[float | None]:
     """1.0 where the completion's final answer equals the gold ``answer`` (math-verify), else 0.0.
 
     A row whose gold answer is ``None`` returns ``None`` (not applicable) instead of a score.
+    ``require_boxed``: only the last well-formed ``\\boxed{}`` counts (no box scores 0), the
+    DAPO/DeepScaleR convention; it keeps a length reward from trading the box away for tokens.
 
     >>> math_reward(["The answer is \\\\boxed{42}", "so 41", "x = 17", "$\\\\frac{1}{2}$"],
     ...             answer=["42", "42", "17", "0.5"])
@@ -149,7 +154,14 @@ def math_reward(completions: list[Any], answer: list[Any], **columns: Any) -> li
         key = str(gold_answer)
         if key not in gold_cache:
             gold_cache[key] = parse_gold(gold_answer)
-        out.append(_score_one(completion_text(completion), gold_cache[key]))
+        text = completion_text(completion)
+        if require_boxed:
+            boxed = last_boxed(text)
+            if boxed is None:
+                out.append(0.0)
+                continue
+            text = f"\\boxed{{{boxed}}}"
+        out.append(_score_one(text, gold_cache[key]))
     return out
 
 
@@ -159,7 +171,12 @@ class MathVerifier:
 
     >>> v = MathVerifier(); v.setup(); v(["\\\\boxed{6}"], answer=["6"])
     [1.0]
+    >>> MathVerifier(require_boxed=True)(["so 6", "\\\\boxed{6}"], answer=["6", "6"])
+    [0.0, 1.0]
     """
+
+    def __init__(self, require_boxed: bool = False) -> None:
+        self.require_boxed = bool(require_boxed)
 
     def setup(self) -> None:
         mv = _mv()
@@ -169,4 +186,4 @@ class MathVerifier:
         )  # warm sympy paths
 
     def __call__(self, completions: list[Any], answer: list[Any], **columns: Any) -> list[float | None]:
-        return math_reward(completions, answer, **columns)
+        return math_reward(completions, answer, require_boxed=self.require_boxed, **columns)

@@ -118,7 +118,8 @@ def test_extends_errors_name_the_recipe(tmp_path):
         load_config(a)
 
 
-@pytest.mark.parametrize("name", ["tempo", "spae", "hapo", "l1_budget", "hapo_history", "budget_guidance", "brpo_anytime"])
+@pytest.mark.parametrize("name", ["tempo", "spae", "hapo", "l1_budget", "hapo_history", "kimi_length",
+                                  "budget_guidance", "brpo_anytime"])
 def test_method_recipes_share_the_quickstart_setup(name):
     """The method recipes differ from the quickstart only in the method, so their runs compare."""
     q = load_config(ROOT / "recipes/quickstart.yaml").model_dump()

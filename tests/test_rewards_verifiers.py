@@ -29,6 +29,21 @@ def test_math_reward(completion, answer, expected):
     assert math_reward([completion], answer=[answer]) == [expected]
 
 
+def test_math_reward_require_boxed():
+    texts = ["3 + 14 = 17", "\\boxed{17}", "so 17 \\boxed{16}", "\\boxed{16} no, \\boxed{17}", "\\boxed{17"]
+    assert math_reward(texts, answer=["17"] * 5) == [1.0, 1.0, 0.0, 0.0, 0.0]  # lenient: first box, else last number
+    assert math_reward(texts, answer=["17"] * 5, require_boxed=True) == [0.0, 1.0, 0.0, 1.0, 0.0]
+
+
+def test_require_boxed_reaches_the_verifier_through_the_reward_manager():
+    from rewards import RewardManager, VerifierSpec
+
+    # process mode: the params travel to the verifier's worker process
+    with RewardManager([VerifierSpec("math", params={"require_boxed": True})], mode="process") as rm:
+        _, _, per = rm.score(["17", "\\boxed{17}"], {"answer": ["17", "17"]})
+    assert per["math"] == [0.0, 1.0]
+
+
 def test_math_reward_missing_gold_is_none_and_lengths_checked():
     assert math_reward(["\\boxed{1}"], answer=[None]) == [None]
     with pytest.raises(ValueError):
