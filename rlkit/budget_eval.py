@@ -213,7 +213,7 @@ def evaluate_budgets(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """One record per (mode, budget): ``{"mode", "budget", "budget_in_prompt", "guided_row_steps",
-    "time_s", **evaluate_rows(...)}`` (accuracy, tokens_mean, truncated_rate, ...).
+    "unreliable_row_steps", "changed_row_steps", "time_s", **evaluate_rows(...)}`` (accuracy, tokens_mean, truncated_rate, ...).
 
     ``guidance``: a ``BudgetGuidance`` processor, passed per request (``meta["logits_processors"]``)
     for the guided mode only; None runs the unguided mode alone. ``budget_in_prompt``: call
@@ -229,7 +229,8 @@ def evaluate_budgets(
             for b in budgets:
                 guided = mode == "guided"
                 bar.describe(f"{mode} b={b}")
-                steps0 = guidance.guided_row_steps if guided else 0
+                keys = ("guided_row_steps", "unreliable_row_steps", "changed_row_steps")
+                before = {k: getattr(guidance, k, 0) for k in keys} if guided else {}
                 t0 = time.perf_counter()
                 res = evaluate_rows(
                     cfg, rows, lambda r, _b=b: encode(r, _b if budget_in_prompt else None), generate,
@@ -237,12 +238,14 @@ def evaluate_budgets(
                     request_meta={"logits_processors": [guidance]} if guided else None, on_batch=bar.advance,
                 )
                 rec = {"mode": mode, "budget": b, "budget_in_prompt": budget_in_prompt,
-                       "guided_row_steps": (guidance.guided_row_steps - steps0) if guided else 0,
+                       **{k: (getattr(guidance, k, 0) - before[k]) if guided else 0 for k in keys},
                        "time_s": time.perf_counter() - t0, **res}
                 records.append(rec)
+                extra = (f"  guided steps {rec['guided_row_steps']} (no reliable token "
+                         f"{rec['unreliable_row_steps']}, argmax changed {rec['changed_row_steps']})" if guided else "")
                 bar.say(f"[eval] {mode:>8} b={b:<5} accuracy {rec['accuracy'] * 100:5.1f}%  "
                         f"tokens {rec['tokens_mean']:6.1f}  truncated {rec['truncated_rate'] * 100:5.1f}%  "
-                        f"({rec['time_s']:.0f} s)")
+                        f"({rec['time_s']:.0f} s){extra}")
     finally:
         bar.close()
     return records

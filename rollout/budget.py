@@ -93,6 +93,13 @@ class GuidanceParams:
             raise ValueError(f"trigger_strings must be non-empty strings, got {self.trigger_strings!r}")
 
 
+def reliable_mask(alpha_BV: torch.Tensor, lam_BV: torch.Tensor, params: GuidanceParams = GuidanceParams()) -> torch.Tensor:
+    """The reference's reliability mask (§4.4): ``lam >= min_lambda``, ``alpha > min_alpha``, mode >= min_mode."""
+    alpha, lam = alpha_BV.float(), lam_BV.float()
+    reliable = (lam >= params.min_lambda) & (alpha > params.min_alpha)
+    return reliable & (gamma_mode_length(alpha, lam) >= params.min_mode)
+
+
 def guidance_weights(
     alpha_BV: torch.Tensor, lam_BV: torch.Tensor, budget_B: torch.Tensor, logits_BV: torch.Tensor,
     params: GuidanceParams = GuidanceParams(),
@@ -105,8 +112,7 @@ def guidance_weights(
     alpha, lam = alpha_BV.float(), lam_BV.float()
     x_B1 = torch.log1p(budget_B.float().clamp(min=0))[:, None]
     w = torch.special.gammainc(alpha, lam * x_B1)
-    reliable = (lam >= params.min_lambda) & (alpha > params.min_alpha)
-    reliable &= gamma_mode_length(alpha, lam) >= params.min_mode
+    reliable = reliable_mask(alpha, lam, params)
     w = torch.nan_to_num(torch.where(reliable, w, torch.zeros_like(w)), nan=0.0)
     empty_B = w.sum(-1) <= 0
     if bool(empty_B.any()):
@@ -459,7 +465,11 @@ class BudgetGuidance:
         self._start_V = token_string_mask(tokenizer, V, [params.think_start]) if params.think_start else None
         self._end_V = token_string_mask(tokenizer, V, [params.think_end]) if params.think_end else None
         self._key = f"budget_guidance/{id(self)}"
-        self.guided_row_steps = 0  # rows x steps reweighted so far (diagnostics)
+        # diagnostics, counted in rows x steps: guided; no candidate passed the reliability mask (the
+        # row fell back to its LM argmax); the guided argmax differs from the LM's (what greedy changes)
+        self.guided_row_steps = 0
+        self.unreliable_row_steps = 0
+        self.changed_row_steps = 0
 
     @classmethod
     def from_pretrained(cls, path: str | Path, tokenizer: Any, device: str | torch.device = "cpu",
@@ -536,4 +546,6 @@ class BudgetGuidance:
         out = logits_BV.float().clone()
         out[g] = temp * torch.log(p)  # the engine divides by T again: softmax gives p'
         self.guided_row_steps += int(g.numel())
+        self.unreliable_row_steps += int((~reliable_mask(alpha, lam, self.params).any(-1)).sum())
+        self.changed_row_steps += int((p.argmax(-1) != logits.argmax(-1)).sum())
         return out

@@ -366,3 +366,25 @@ def test_regions_and_concise_augmentation(engine: HFEngine) -> None:
     assert len(traces) == 2 and traces[1].concise
     first, last = traces[1].region
     assert "!" in tok.decode([traces[1].ids[last]]) and first == 3
+
+
+def test_diagnostics_count_unreliable_and_changed_steps(engine: HFEngine, predictor: GammaPredictor) -> None:
+    """A mask nothing passes falls back to the LM argmax: every guided step is counted unreliable and
+    greedy output is the plain engine's; with the mask open the counters split the guided steps."""
+    reqs = _requests(engine)
+    for r in reqs:
+        r.params = SamplingParams(max_new_tokens=r.params.max_new_tokens, temperature=0.0, n=1)
+    plain = engine.generate(reqs)
+    strict = BudgetGuidance(predictor, engine.tokenizer, GuidanceParams(min_lambda=1e9))
+    for r in reqs:
+        r.meta["logits_processors"] = [strict]
+    out = engine.generate(reqs)
+    assert strict.guided_row_steps > 0
+    assert strict.unreliable_row_steps == strict.guided_row_steps and strict.changed_row_steps == 0
+    assert [c.token_ids for c in out] == [c.token_ids for c in plain]
+    loose = BudgetGuidance(predictor, engine.tokenizer, PERMISSIVE)
+    for r in reqs:
+        r.meta["logits_processors"] = [loose]
+    engine.generate(reqs)
+    assert loose.guided_row_steps > 0 and loose.unreliable_row_steps == 0
+    assert 0 <= loose.changed_row_steps <= loose.guided_row_steps
