@@ -1,6 +1,7 @@
 """Train the budget-guidance predictor (spec §4.3) on the model's own completions.
 
     python -m rlkit.budget_train --model smollm2-135m-instruct --out runs/budget_predictor
+    rlkit train-budget-predictor --recipe recipes/quickstart.yaml --out runs/budget_predictor_smollm2
 
 Pipeline: prompts from a prompt source (default: the built-in arithmetic generator) -> sampled
 completions from ``rollout.hf.HFEngine`` -> thinking regions (``<think>`` .. ``</think>``, or the
@@ -11,6 +12,11 @@ augmentation -> hidden states of the frozen LM at every region position -> the G
 Departures: no external traces (OpenR1) — the model's own samples are the data; completions that
 hit ``max_new_tokens`` have no known end and are dropped; prompts are split into train/validation
 so the report shows held-out NLL.
+
+``--recipe`` takes the model, the prompt rows (its training split, never its held-out problems),
+the system prompt and the template from a recipe, so the predictor learns the lengths of the task
+it will guide. The sampled completions are saved as ``completions.jsonl`` in ``out_dir``;
+``--completions FILE`` refits on saved ones without generating again.
 """
 
 from __future__ import annotations
@@ -131,6 +137,47 @@ def build_traces(
     return out
 
 
+def _sample(engine: Any, prompts: list[list[int]], max_new_tokens: int, temperature: float, n: int,
+            max_batch_size: int, progress: bool) -> list[Completion]:
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=n)
+    out: list[Completion] = []
+    chunk = max(1, max_batch_size // n)
+    for s in range(0, len(prompts), chunk):
+        reqs = [RolloutRequest(p, params, group_id=s + k) for k, p in enumerate(prompts[s : s + chunk])]
+        out += engine.generate(reqs)
+        _say(progress, f"generated {len(out)}/{len(prompts) * n} completions "
+                       f"({engine.engine_stats().get('rollout/tokens_per_s', 0.0):.0f} tok/s)")
+    return out
+
+
+_SAVED_FIELDS = ("group_id", "prompt_ids", "token_ids", "finish_reason")
+
+
+def save_completions(completions: Sequence[Completion], path: str | Path) -> None:
+    """One JSON line per completion (its prompt, tokens, finish reason and prompt index)."""
+    with open(path, "w") as f:
+        for c in completions:
+            f.write(json.dumps({k: getattr(c, k) for k in _SAVED_FIELDS}) + "\n")
+
+
+def load_completions(path: str | Path) -> list[Completion]:
+    """Completions written by :func:`save_completions`; a malformed line names its number."""
+    out: list[Completion] = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            out.append(Completion(prompt_ids=list(d["prompt_ids"]), token_ids=list(d["token_ids"]),
+                                  logprobs=[0.0] * len(d["token_ids"]), finish_reason=d["finish_reason"],
+                                  group_id=int(d["group_id"])))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} line {i}: not a saved completion ({e})") from None
+    if not out:
+        raise ValueError(f"{path}: no completions")
+    return out
+
+
 def _say(progress: bool, msg: str) -> None:
     if progress:
         print(f"[budget-train] {msg}", file=sys.stderr, flush=True)
@@ -145,13 +192,16 @@ def train_budget_predictor(
     trigger_strings: tuple[str, ...] = ("\n",), concise_mix: float = 1.0,
     predictor: dict[str, Any] | None = None, fit: FitParams | None = None, val_fraction: float = 0.15,
     dtype: str = "float32", max_batch_size: int = 64, feature_dtype: str = "bfloat16",
-    seed: int = 42, progress: bool = True,
+    seed: int = 42, progress: bool = True, rows: Sequence[dict] | None = None,
+    completions_file: str | Path | None = None,
 ) -> dict[str, Any]:
     """Generate traces with the model itself, train a Gamma predictor on them, save it to ``out_dir``.
 
     ``model_path``: a local HF directory or a built-in alias (``smollm2-135m-instruct``).
     ``predictor``: ``PredictorConfig`` fields to override (``hidden_size``, ``num_layers``,
-    ``encoder_type``...). Returns (and writes as ``train_summary.json``) counts, timings and
+    ``encoder_type``...). ``rows``: prompt rows to use (the first ``num_prompts``) instead of
+    ``source``. ``completions_file``: reuse completions saved by an earlier run (``completions.jsonl``)
+    instead of sampling. Returns (and writes as ``train_summary.json``) counts, timings and
     NLL / mode-MAE on train and held-out prompts before and after training.
     """
     from rlkit.data import format_prompt, load_rows
@@ -167,17 +217,20 @@ def train_budget_predictor(
     path = resolve_model_path(model_path)
     engine = HFEngine(path, dtype=dtype, max_batch_size=max_batch_size, seed=seed)
     tok = load_tokenizer(path)
-    rows, _ = load_rows(source, generator_kwargs=generator_kwargs, seed=seed, limit=num_prompts)
+    if rows is None:
+        rows, _ = load_rows(source, generator_kwargs=generator_kwargs, seed=seed, limit=num_prompts)
+    rows = list(rows)[:num_prompts]
     prompts = [apply_chat_template(tok, format_prompt(r, system_prompt, prompt_template)) for r in rows]
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=samples_per_prompt)
-
-    completions: list[Completion] = []
-    chunk = max(1, max_batch_size // samples_per_prompt)
-    for s in range(0, len(prompts), chunk):
-        reqs = [RolloutRequest(p, params, group_id=s + k) for k, p in enumerate(prompts[s : s + chunk])]
-        completions += engine.generate(reqs)
-        _say(progress, f"generated {len(completions)}/{len(prompts) * samples_per_prompt} completions "
-                       f"({engine.engine_stats().get('rollout/tokens_per_s', 0.0):.0f} tok/s)")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    if completions_file is not None:
+        completions = load_completions(completions_file)
+        prompts = sorted({c.group_id: c.prompt_ids for c in completions}.items())
+        prompts = [p for _, p in prompts]
+        _say(progress, f"loaded {len(completions)} completions of {len(prompts)} prompts from {completions_file}")
+    else:
+        completions = _sample(engine, prompts, max_new_tokens, temperature, samples_per_prompt,
+                              max_batch_size, progress)
+    save_completions(completions, Path(out_dir) / "completions.jsonl")
     t_gen = time.perf_counter()
     traces = build_traces(completions, tok, engine.eos_ids, prompt_index=[c.group_id for c in completions],
                           think_start=think_start, think_end=think_end, mode=mode, concise_mix=concise_mix, seed=seed)
@@ -239,8 +292,12 @@ def _fmt(metrics: dict[str, float] | None) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of the training command (also used by ``rlkit train-budget-predictor``)."""
-    p.add_argument("--model", default="smollm2-135m-instruct", help="HF directory or built-in alias")
+    p.add_argument("--model", default=None,
+                   help="HF directory or built-in alias (default: the recipe's model, else smollm2-135m-instruct)")
     p.add_argument("--out", required=True, help="output directory for the predictor")
+    p.add_argument("--recipe", default=None,
+                   help="take model, prompt rows (training split), system prompt and template from a recipe")
+    p.add_argument("--completions", default=None, help="refit on a saved completions.jsonl (no sampling)")
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--samples-per-prompt", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=192)
@@ -255,19 +312,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-sequences", type=int, default=1, help="sequences per optimiser step")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--quiet", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the command for parsed ``args``; prints the summary as JSON."""
+    model, rows, template, system = args.model or "smollm2-135m-instruct", None, args.prompt_template, None
+    if args.recipe:
+        from rlkit.config import load_config
+        from rlkit.data import recipe_rows
+
+        cfg = load_config(args.recipe)
+        model = args.model or cfg.model.name
+        rows, _ = recipe_rows(cfg)
+        random.Random(args.seed).shuffle(rows)
+        template, system = cfg.data.prompt_template, cfg.data.system_prompt
     summary = train_budget_predictor(
-        args.model, args.out, args.num_prompts, samples_per_prompt=args.samples_per_prompt,
+        model, args.out, args.num_prompts, samples_per_prompt=args.samples_per_prompt,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        generator_kwargs=json.loads(args.generator), prompt_template=args.prompt_template, mode=args.mode,
-        think_start=args.think_start, think_end=args.think_end or None,
+        generator_kwargs=json.loads(args.generator), prompt_template=template, system_prompt=system,
+        mode=args.mode, think_start=args.think_start, think_end=args.think_end or None,
         predictor={"encoder_type": args.encoder, "hidden_size": args.hidden_size, "num_layers": args.num_layers},
-        fit=FitParams(epochs=args.epochs, lr=args.lr, seed=args.seed), seed=args.seed, progress=not args.quiet,
+        fit=FitParams(epochs=args.epochs, lr=args.lr, batch_sequences=args.batch_sequences, seed=args.seed),
+        seed=args.seed, progress=not args.quiet, rows=rows, completions_file=args.completions,
     )
     print(json.dumps({k: summary[k] for k in ("out_dir", "traces", "train_positions", "before", "after", "time_s")}))
     return 0

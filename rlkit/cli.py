@@ -46,7 +46,7 @@ def _load_target(target: str, overrides: list[str]):
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from rlkit.budget_eval import check_predictor_dir, parse_budgets, prompt_encoder
-    from rlkit.data import load_rows, split_rows
+    from rlkit.data import recipe_rows
     from rlkit.evaluate import evaluate_rows, format_table
     from rlkit.models import load_tokenizer, resolve_model_path
 
@@ -67,10 +67,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 2
     base = resolve_model_path(cfg.model.name)
     model_path = args.model or run_model or base
-    d = cfg.data
-    rows, _ = load_rows(d.source, path=d.path, split=d.split, prompt_key=d.prompt_key, answer_key=d.answer_key,
-                        on_bad_row=d.on_bad_row, generator_kwargs=d.generator, seed=cfg.seed, limit=d.limit)
-    _, eval_rows = split_rows(rows, d.eval_size, cfg.seed)
+    _, eval_rows = recipe_rows(cfg)
     if args.limit:
         eval_rows = eval_rows[: args.limit]
     lora = None

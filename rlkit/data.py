@@ -272,6 +272,14 @@ def _prompt_text(prompt: str | list[dict[str, str]]) -> str:
     return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
 
 
+def recipe_rows(cfg: Any) -> tuple[list[Row], list[Row]]:
+    """``(train_rows, eval_rows)`` of a config's data section, split as the trainer splits them."""
+    d = cfg.data
+    rows, _ = load_rows(d.source, path=d.path, split=d.split, prompt_key=d.prompt_key, answer_key=d.answer_key,
+                        on_bad_row=d.on_bad_row, generator_kwargs=d.generator, seed=cfg.seed, limit=d.limit)
+    return split_rows(rows, d.eval_size, cfg.seed)
+
+
 def split_rows(rows: list[Row], eval_size: int | float, seed: int) -> tuple[list[Row], list[Row]]:
     """Deterministically split rows into `(train, eval)`, disjoint by prompt text.
 

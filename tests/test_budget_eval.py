@@ -176,6 +176,7 @@ def test_eval_budgets_end_to_end_json_png(tiny_model_dir, random_predictor_dir, 
         u, g = recs[("unguided", b)], recs[("guided", b)]
         assert u["problems"] == 5 and 1 <= u["tokens_mean"] <= b  # truncation at the budget
         assert u["guided_row_steps"] == 0 and g["guided_row_steps"] >= 5  # every row's first step is guided
+        assert g["unreliable_row_steps"] == g["guided_row_steps"] and g["changed_row_steps"] == 0
         # an all-unreliable predictor falls back to the LM argmax: greedy output is unchanged
         for k in ("accuracy", "tokens_mean", "truncated_rate", "format_rate"):
             assert g[k] == u[k], (b, k)
@@ -190,7 +191,9 @@ def test_guided_rows_really_get_the_processor(tiny_model_dir, eos_predictor_dir,
     recs = {r["mode"]: r for r in json.loads((tmp_path / "r.json").read_text())["records"]}
     # EOS is the only reliable candidate: every guided row stops at its first (guided) step
     assert recs["guided"]["tokens_mean"] == 1.0 and recs["guided"]["truncated_rate"] == 0.0
-    assert recs["guided"]["guided_row_steps"] == 6
+    assert recs["guided"]["guided_row_steps"] == 6 and recs["guided"]["unreliable_row_steps"] == 0
+    # unguided rows longer than 1 token had a greedy first token other than EOS: guidance changed it
+    assert 1 <= recs["guided"]["changed_row_steps"] <= 6
     assert recs["unguided"]["tokens_mean"] > 1.0
 
 
@@ -247,3 +250,29 @@ def test_train_budget_predictor_subcommand(tiny_model_dir, tmp_path, capsys) -> 
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["out_dir"] == str(out)
     with pytest.raises(SystemExit):  # its own parser: --out is required
         main(["train-budget-predictor", "--model", tiny_model_dir])
+
+
+def test_train_budget_predictor_from_a_recipe_uses_its_training_rows(tiny_model_dir, tmp_path, capsys) -> None:
+    from rlkit.config import load_config
+    from rlkit.data import format_prompt, recipe_rows
+    from rlkit.models import apply_chat_template, load_tokenizer
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"extends: {QUICKSTART}\nmodel: {{name: {tiny_model_dir}}}\n"
+                      "data: {generator: {n: 40, max_value: 9}, eval_size: 6}\n")
+    out = tmp_path / "bp"
+    rc = main(["train-budget-predictor", "--recipe", str(recipe), "--out", str(out), "--num-prompts", "5",
+               "--samples-per-prompt", "2", "--max-new-tokens", "16", "--mode", "think", "--think-end", "e", "--temperature", "1.0", "--hidden-size", "32",
+               "--num-layers", "1", "--epochs", "1", "--quiet"])
+    assert rc == 0
+    cfg = load_config(recipe)
+    train, held_out = recipe_rows(cfg)
+    tok = load_tokenizer(tiny_model_dir)
+
+    def ids(r):
+        return apply_chat_template(tok, format_prompt(r, cfg.data.system_prompt, cfg.data.prompt_template))
+
+    prompts = {tuple(json.loads(line)["prompt_ids"]) for line in (out / "completions.jsonl").read_text().splitlines()}
+    assert len(prompts) == 5 and prompts <= {tuple(ids(r)) for r in train}  # the recipe's template, train rows
+    assert not prompts & {tuple(ids(r)) for r in held_out}
+    assert json.loads((out / "budget_predictor.json").read_text())["meta"]["base_model"] == tiny_model_dir

@@ -9,7 +9,13 @@ import math
 import pytest
 import torch
 
-from rlkit.budget_train import build_traces, concise_text, think_region, train_budget_predictor
+from rlkit.budget_train import (
+    build_traces,
+    concise_text,
+    load_completions,
+    think_region,
+    train_budget_predictor,
+)
 from rollout import hf
 from rollout.budget import (
     HIDDEN_STATES_KEY,
@@ -331,6 +337,21 @@ def test_end_to_end_train_save_load(tiny_model_dir: str, tmp_path) -> None:
     guide = BudgetGuidance.from_pretrained(out, AutoTokenizer.from_pretrained(tiny_model_dir), min_lambda=1.0)
     assert guide.params.think_end == "e" and guide.params.min_lambda == 1.0
     assert guide.params.trigger_strings == ("\n",)
+    # the sampled completions were saved; refitting on them samples nothing and sees the same data
+    saved = load_completions(out / "completions.jsonl")
+    assert len(saved) == 12 and {c.group_id for c in saved} == set(range(6))
+    again = train_budget_predictor(
+        tiny_model_dir, str(tmp_path / "refit"), 6, mode="think", think_end="e", concise_mix=0.0,
+        val_fraction=0.25, predictor={"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+        fit=FitParams(epochs=3, lr=3e-3), feature_dtype="float32", seed=0, progress=False,
+        completions_file=out / "completions.jsonl",
+    )
+    for k in ("completions", "traces", "train_positions", "val_positions", "completion_tokens_mean"):
+        assert again[k] == summary[k], k
+    assert again["after"]["train"]["nll"] == pytest.approx(summary["after"]["train"]["nll"], rel=1e-5)
+    (tmp_path / "bad.jsonl").write_text((out / "completions.jsonl").read_text() + "{oops\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl line 13"):
+        load_completions(tmp_path / "bad.jsonl")
 
 
 def test_save_load_linear_encoder(tmp_path) -> None:
