@@ -90,6 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--short-mean", type=float, default=24.0)
     g.add_argument("--long-mean", type=float, default=400.0)
     g.add_argument("--no-length-profile", action="store_true", help="use the model's natural lengths")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (cpu part)")
     s = p.add_argument_group("sim (GPU decode model)")
     s.add_argument("--sim-max-len", type=int, default=65536)
     s.add_argument("--sim-groups", type=int, default=128)
@@ -198,7 +199,7 @@ def _summ(step_s: list[float], samples: list[int], metrics: list[dict[str, float
 def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     eng, prompts = _build_engine(args)
     arms = {"full": 1, **{f"seg{k}": k for k in args.segments}}
-    params = SamplingParams(temperature=1.0)
+    params = SamplingParams(temperature=args.temperature)
     scheds, versions = {}, {}
     for name, k in arms.items():
         cfg = SegmentConfig(seg_len=math.ceil(args.max_len / k), global_max_len=args.max_len,
@@ -207,6 +208,7 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
         scheds[name] = SegmentScheduler(eng, params, cfg, _source(prompts, args.seed))
         versions[name] = 0
     rec: dict[str, tuple[list, list, list]] = {n: ([], [], []) for n in arms}
+    lengths: list[int] = []  # natural lengths: the full-length arm's finished samples
     t_all = time.perf_counter()
     for step in range(args.warmup + args.steps):
         for name, sched in scheds.items():
@@ -219,7 +221,13 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
                 rec[name][0].append(dt)
                 rec[name][1].append(len(batch.samples))
                 rec[name][2].append(batch.metrics)
+                if name == "full":
+                    lengths += [len(smp.token_ids) for smp in batch.samples]
     res = {n: _summ(*rec[n]) for n in arms}
+    if lengths:
+        q = statistics.quantiles(lengths, n=10)
+        res["_lengths"] = {"mean": statistics.fmean(lengths), "p50": statistics.median(lengths), "p90": q[-1],
+                           "at_max_frac": sum(n >= args.max_len for n in lengths) / len(lengths)}
     res["_wall_s"] = time.perf_counter() - t_all
     return res
 
@@ -328,6 +336,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(_table(f"CPU, HFEngine ({args.model}), {args.groups}x{args.group_size} samples/step, max_len "
                      f"{args.max_len}, {args.steps} measured steps (+{args.warmup} warm-up), "
                      f"{out['cpu']['_wall_s']:.0f}s", out["cpu"], "s"))
+        if "_lengths" in out["cpu"]:
+            L = out["cpu"]["_lengths"]
+            print(f"lengths (full-length arm): mean {L['mean']:.1f}, median {L['p50']:.0f}, p90 {L['p90']:.0f}, "
+                  f"{L['at_max_frac'] * 100:.0f}% at max_len")
     if args.part in ("all", "sim"):
         out["sim"] = run_sim(args)
         print(_table(f"\nSimulated GPU decode, {args.sim_groups}x{args.sim_group_size} samples/step, max_len "
