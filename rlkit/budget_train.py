@@ -40,6 +40,7 @@ from rollout.budget import (
     evaluate_predictor,
     extract_features,
     fit_predictor,
+    init_head_bias,
     save_predictor,
 )
 from rollout.engine import Completion, RolloutRequest, SamplingParams
@@ -256,6 +257,10 @@ def train_budget_predictor(
     cfg = PredictorConfig(d_model=int(model_cfg.hidden_size), vocab_size=vocab,
                           num_hidden_states=int(data.features_MLD.shape[1]), **(predictor or {}))
     net = GammaPredictor(cfg)
+    if cfg.head_bias:
+        a0, l0 = init_head_bias(net, train.lengths_M)
+        _say(progress, f"head bias: marginal Gamma(alpha={a0:.2f}, lam={l0:.2f}) of log(L+1) over "
+                       f"{len(train)} train positions")
     before = {"train": evaluate_predictor(net, train), "val": evaluate_predictor(net, val) if len(val) else None}
     every = max(1, (fit.epochs * len(train_seqs)) // (fit.batch_sequences * 10))
 
@@ -310,6 +315,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder", choices=["bert", "linear"], default="bert")
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--head-bias", action=argparse.BooleanOptionalAction, default=True,
+                   help="heads with a bias started at the marginal length distribution (the reference has none)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-sequences", type=int, default=1, help="sequences per optimiser step")
@@ -334,7 +341,8 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         generator_kwargs=json.loads(args.generator), prompt_template=template, system_prompt=system,
         mode=args.mode, think_start=args.think_start, think_end=args.think_end or None,
-        predictor={"encoder_type": args.encoder, "hidden_size": args.hidden_size, "num_layers": args.num_layers},
+        predictor={"encoder_type": args.encoder, "hidden_size": args.hidden_size, "num_layers": args.num_layers,
+                   "head_bias": args.head_bias},
         fit=FitParams(epochs=args.epochs, lr=args.lr, batch_sequences=args.batch_sequences, seed=args.seed),
         seed=args.seed, progress=not args.quiet, rows=rows, completions_file=args.completions,
     )

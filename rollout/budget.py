@@ -144,6 +144,10 @@ class PredictorConfig:
     """Shape of the predictor (§4.2). Defaults are CPU-sized; see ``reference()`` for the paper's.
 
     ``num_hidden_states`` = N + 1 (embedding output + N layers) of the LM it reads.
+    ``head_bias`` [departure, off in the reference]: the two heads get a bias, which
+    :func:`init_head_bias` sets to the Gamma fitted to all training targets, so a predictor trained
+    on a few hundred self-generated traces starts at the marginal length distribution instead of
+    ``alpha = lam = softplus(0)`` and only has to learn how the context moves it.
     """
 
     d_model: int
@@ -156,6 +160,7 @@ class PredictorConfig:
     intermediate_size: int = 512
     dropout: float = 0.1  # BertConfig() default
     scale: Literal["log"] = "log"
+    head_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.encoder_type not in ("bert", "linear"):
@@ -198,8 +203,8 @@ class GammaPredictor(nn.Module):
             self.cls_token = nn.Parameter(torch.zeros(cfg.d_model))
             self.encoder = nn.Sequential(nn.Linear(cfg.d_model, cfg.hidden_size), BertEncoder(bert))
             width = cfg.hidden_size
-        self.alpha_head = nn.Linear(width, cfg.vocab_size, bias=False)
-        self.lam_head = nn.Linear(width, cfg.vocab_size, bias=False)
+        self.alpha_head = nn.Linear(width, cfg.vocab_size, bias=cfg.head_bias)
+        self.lam_head = nn.Linear(width, cfg.vocab_size, bias=cfg.head_bias)
 
     def encode(self, hidden_MLD: torch.Tensor) -> torch.Tensor:
         """(M, N+1, d_model) -> (M, width) summary the heads read."""
@@ -225,7 +230,34 @@ class GammaPredictor(nn.Module):
         h = self.encode(hidden_MLD).float()
         a = (h * self.alpha_head.weight[tokens_M].float()).sum(-1)
         lam = (h * self.lam_head.weight[tokens_M].float()).sum(-1)
+        if self.cfg.head_bias:
+            a, lam = a + self.alpha_head.bias[tokens_M].float(), lam + self.lam_head.bias[tokens_M].float()
         return F.softplus(a), F.softplus(lam)
+
+
+def gamma_moments(z: torch.Tensor) -> tuple[float, float]:
+    """``(alpha, lam)`` of the Gamma with the mean and variance of the samples ``z`` (> 0).
+
+    >>> gamma_moments(torch.tensor([3.0, 4.0, 5.0]))  # mean 4, variance 2/3
+    (24.0, 6.0)
+    """
+    z = z.double()
+    mean, var = float(z.mean()), float(z.var(unbiased=False))
+    var = max(var, 1e-6 * mean * mean)
+    return mean * mean / var, mean / var
+
+
+@torch.no_grad()
+def init_head_bias(predictor: GammaPredictor, lengths: torch.Tensor) -> tuple[float, float]:
+    """Set both heads' biases (``head_bias``) to the moment-matched Gamma of ``log(L + 1)`` over
+    ``lengths`` for every candidate token; returns that ``(alpha, lam)``."""
+    if not predictor.cfg.head_bias:
+        raise ValueError("init_head_bias needs a predictor built with head_bias=True")
+    alpha, lam = gamma_moments(encode_length(lengths.float()))
+    inv_softplus = lambda y: math.log(math.expm1(y)) if y < 20 else y  # noqa: E731
+    predictor.alpha_head.bias.fill_(inv_softplus(alpha))
+    predictor.lam_head.bias.fill_(inv_softplus(lam))
+    return alpha, lam
 
 
 def save_predictor(predictor: GammaPredictor, out_dir: str | Path, meta: dict[str, Any] | None = None) -> Path:

@@ -409,3 +409,27 @@ def test_diagnostics_count_unreliable_and_changed_steps(engine: HFEngine, predic
     engine.generate(reqs)
     assert loose.guided_row_steps > 0 and loose.unreliable_row_steps == 0
     assert 0 <= loose.changed_row_steps <= loose.guided_row_steps
+
+
+def test_head_bias_starts_at_the_marginal_gamma() -> None:
+    from rollout.budget import encode_length, gamma_moments, init_head_bias
+
+    torch.manual_seed(0)
+    cfg = PredictorConfig(16, 10, 3, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, head_bias=True)
+    net = GammaPredictor(cfg)
+    with torch.no_grad():
+        net.alpha_head.weight.zero_()
+        net.lam_head.weight.zero_()
+    lengths = torch.tensor([5.0, 20.0, 60.0, 200.0])
+    alpha, lam = init_head_bias(net, lengths)
+    z = encode_length(lengths)
+    assert alpha / lam == pytest.approx(float(z.mean()), rel=1e-6)  # Gamma mean = mean of z
+    assert alpha / lam**2 == pytest.approx(float(z.var(unbiased=False)), rel=1e-6)
+    a, l = net.params_at(torch.randn(4, 3, 16), torch.tensor([0, 3, 7, 9]))
+    assert a.tolist() == pytest.approx([alpha] * 4, rel=1e-5) and l.tolist() == pytest.approx([lam] * 4, rel=1e-5)
+    a_full, l_full = net(torch.randn(2, 3, 16))
+    assert torch.allclose(a_full, torch.full_like(a_full, alpha), rtol=1e-5)
+    assert gamma_moments(torch.tensor([3.0, 4.0, 5.0])) == pytest.approx((24.0, 6.0))
+    with pytest.raises(ValueError, match="head_bias=True"):
+        init_head_bias(GammaPredictor(PredictorConfig(16, 10, 3, hidden_size=32, num_layers=1, num_heads=2,
+                                                      intermediate_size=64)), lengths)
