@@ -116,7 +116,8 @@ def test_budget_guidance_config_keys_validate() -> None:
         load_config(QUICKSTART, ["model.budget_guidance_params={trigger_strings: []}"])
 
 
-@pytest.mark.parametrize("name", ["l1_budget", "hapo_history", "kimi_length", "budget_guidance", "brpo_anytime"])
+@pytest.mark.parametrize("name", ["l1_budget", "hapo_history", "kimi_length", "budget_penalty",
+                                  "budget_guidance", "brpo_anytime"])
 def test_budget_recipes_validate_and_match_quickstart(name: str, capsys) -> None:
     from rewards.budget_prompt import budget_params
     from rewards.length import LengthShaping
@@ -138,8 +139,11 @@ def test_budget_recipes_validate_and_match_quickstart(name: str, capsys) -> None
     elif name == "hapo_history":
         assert shapers == ["hapo_history"] and cfg.data.budget is None
     elif name == "kimi_length":
-        math_spec = next(v for v in cfg.reward.verifiers if v.name == "math")
-        assert shapers == ["kimi"] and cfg.data.budget is None and math_spec.params == {"require_boxed": True}
+        weights = {v.name: v.weight for v in cfg.reward.verifiers}
+        assert shapers == ["kimi"] and cfg.data.budget is None and weights == {"math": 1.0, "format": 0.5}
+    elif name == "budget_penalty":
+        p = budget_params(cfg.data.budget)
+        assert shapers == ["budget_penalty"] and p.prior == "fixed" and p.low < cfg.engine.max_new_tokens
     elif name == "brpo_anytime":
         from rlkit.algorithms import ADVANTAGES
 

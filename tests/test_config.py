@@ -119,6 +119,7 @@ def test_extends_errors_name_the_recipe(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["tempo", "spae", "hapo", "l1_budget", "hapo_history", "kimi_length",
+                                  "budget_penalty",
                                   "budget_guidance", "brpo_anytime"])
 def test_method_recipes_share_the_quickstart_setup(name):
     """The method recipes differ from the quickstart only in the method, so their runs compare."""
