@@ -33,16 +33,8 @@ from typing import Any, Literal
 
 import torch
 
-from rollout.budget import (
-    FitParams,
-    GammaPredictor,
-    PredictorConfig,
-    evaluate_predictor,
-    extract_features,
-    fit_predictor,
-    init_head_bias,
-    save_predictor,
-)
+from rollout.budget import GammaPredictor, PredictorConfig, init_head_bias, save_predictor
+from rollout.budget_fit import FitParams, evaluate_predictor, extract_features, fit_predictor
 from rollout.engine import Completion, RolloutRequest, SamplingParams
 
 DEFAULT_PROMPT_TEMPLATE = "{prompt}\nThink briefly, then give the final number as \\boxed{{answer}}."

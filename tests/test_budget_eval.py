@@ -114,6 +114,10 @@ def test_budget_guidance_config_keys_validate() -> None:
     assert "min_lamda" in msg and "Did you mean 'min_lambda'" in msg and "model.budget_guidance_params" in msg
     with pytest.raises(ConfigError, match="trigger_strings"):
         load_config(QUICKSTART, ["model.budget_guidance_params={trigger_strings: []}"])
+    with pytest.raises(ConfigError, match="unreliable"):
+        load_config(QUICKSTART, ["model.budget_guidance_params={unreliable: drop}"])
+    ok = load_config(QUICKSTART, ["model.budget_guidance_params={unreliable: neutral}"])
+    assert ok.model.budget_guidance_params == {"unreliable": "neutral"}
 
 
 @pytest.mark.parametrize("name", ["l1_budget", "hapo_history", "kimi_length", "budget_penalty",

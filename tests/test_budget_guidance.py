@@ -20,13 +20,9 @@ from rollout import hf
 from rollout.budget import (
     HIDDEN_STATES_KEY,
     BudgetGuidance,
-    FitParams,
     GammaPredictor,
     GuidanceParams,
     PredictorConfig,
-    evaluate_predictor,
-    extract_features,
-    fit_predictor,
     gamma_mode_length,
     gamma_nll,
     guidance_weights,
@@ -35,6 +31,7 @@ from rollout.budget import (
     save_predictor,
     token_string_mask,
 )
+from rollout.budget_fit import FitParams, evaluate_predictor, extract_features, fit_predictor
 from rollout.engine import Completion, RolloutRequest, SamplingParams
 from rollout.hf import HFEngine
 
@@ -79,6 +76,30 @@ def test_all_masked_falls_back_to_argmax_and_rows_are_independent() -> None:
     # thresholds are parameters: a looser lambda threshold keeps row 0's tokens
     loose = guidance_weights(alpha[:1], lam[:1], torch.tensor([100]), logits[:1], GuidanceParams(min_lambda=0.5))
     assert bool((loose > 0).all())
+
+
+def test_neutral_unreliable_candidates_get_the_reliable_mean_weight() -> None:
+    # §4.6's step with unreliable="neutral": token 3 (lam 0.5 < 10) is no longer excluded; it gets
+    # the p-weighted mean of the reliable tokens' CDFs, computed here by hand
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    alpha, lam = torch.tensor([[40.0, 60.0, 20.0, 1.5]]), torch.tensor([[10.0, 12.0, 15.0, 0.5]])
+    p = [math.exp(x) for x in (2.0, 1.0, 0.5, -1.0)]
+    p = [x / sum(p) for x in p]
+    cdf = [0.836178, 0.284697, 1.000000]
+    mean = sum(pi * ci for pi, ci in zip(p, cdf)) / sum(p[:3])  # 0.754...
+    raw = cdf + [mean]
+    expected_w = [x / sum(raw) for x in raw]
+    params = GuidanceParams(unreliable="neutral")
+    w = guidance_weights(alpha, lam, torch.tensor([100]), logits, params)[0]
+    assert w.tolist() == pytest.approx(expected_w, abs=1e-5)
+    q = [pi * wi for pi, wi in zip(p, expected_w)]
+    got = guided_probs(logits, alpha, lam, torch.tensor([100]), params)[0]
+    assert got.tolist() == pytest.approx([x / sum(q) for x in q], abs=1e-5)
+    # a row with no reliable candidate is left as the LM has it (the reference forces the argmax)
+    none_reliable = guided_probs(logits, alpha, torch.full_like(lam, 0.5), torch.tensor([100]), params)[0]
+    assert none_reliable.tolist() == pytest.approx(torch.softmax(logits, -1)[0].tolist(), abs=1e-6)
+    with pytest.raises(ValueError, match="unreliable"):
+        GuidanceParams(unreliable="one")
 
 
 def test_smaller_budget_favours_tokens_predicting_shorter_remainders() -> None:
@@ -302,7 +323,7 @@ def test_fit_reduces_loss_on_learnable_lengths() -> None:
     lengths = torch.randint(1, 200, (M,), generator=g).float()
     feats = torch.randn(M, 3, 16, generator=g) * 0.1
     feats[:, :, 0] = torch.log1p(lengths)[:, None]
-    from rollout.budget import BudgetData
+    from rollout.budget_fit import BudgetData
 
     data = BudgetData(feats, torch.randint(0, 10, (M,), generator=g), lengths, torch.arange(M) % seqs)
     torch.manual_seed(0)
@@ -425,8 +446,8 @@ def test_head_bias_starts_at_the_marginal_gamma() -> None:
     z = encode_length(lengths)
     assert alpha / lam == pytest.approx(float(z.mean()), rel=1e-6)  # Gamma mean = mean of z
     assert alpha / lam**2 == pytest.approx(float(z.var(unbiased=False)), rel=1e-6)
-    a, l = net.params_at(torch.randn(4, 3, 16), torch.tensor([0, 3, 7, 9]))
-    assert a.tolist() == pytest.approx([alpha] * 4, rel=1e-5) and l.tolist() == pytest.approx([lam] * 4, rel=1e-5)
+    a, lm = net.params_at(torch.randn(4, 3, 16), torch.tensor([0, 3, 7, 9]))
+    assert a.tolist() == pytest.approx([alpha] * 4, rel=1e-5) and lm.tolist() == pytest.approx([lam] * 4, rel=1e-5)
     a_full, l_full = net(torch.randn(2, 3, 16))
     assert torch.allclose(a_full, torch.full_like(a_full, alpha), rtol=1e-5)
     assert gamma_moments(torch.tensor([3.0, 4.0, 5.0])) == pytest.approx((24.0, 6.0))
