@@ -91,7 +91,7 @@ def _fmt(v: Any, kind: str) -> str:
 def format_markdown(rows: list[dict[str, Any]], baseline: int = 0) -> str:
     """A markdown table; the last column is each run's final tokens relative to row ``baseline``."""
     head = ("| run | method | steps | acc before → after | format after | tokens after | vs baseline tokens "
-            "| train reward (last) | train tokens (last) | step time | peak PSS |")
+            "| train reward (last) | train tokens (last) | train time (sum of steps) | peak PSS |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     base = rows[baseline]["tokens_after"] if rows else None
     for r in rows:
