@@ -8,7 +8,7 @@ per-token credit for ``rlkit inspect``, and renders. Length shaping with a per-p
 from __future__ import annotations
 
 import pytest
-from test_train_e2e import DETERMINISTIC, ROOT, _run_cli, tiny_overrides
+from test_train_e2e import DETERMINISTIC, ROOT, _run_cli, assert_same_metrics, tiny_overrides
 
 from rlkit.config import load_config
 from rlkit.tracking import read_metrics
@@ -75,6 +75,4 @@ def test_length_history_and_budgets_survive_kill9(tiny_model_dir, tmp_path):
     assert [m["step"] for m in m_res] == [1, 2, 3, 4]
     shaped = [k for k in m_ref[-1] if k.startswith(("length/", "hapo_history/", "budget_penalty/"))]
     assert shaped, sorted(m_ref[-1])
-    for a, b in zip(m_ref, m_res):
-        for k in (*DETERMINISTIC, *shaped):
-            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a["step"], k)
+    assert_same_metrics(m_ref, m_res, (*DETERMINISTIC, *shaped))

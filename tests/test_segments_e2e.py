@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train_e2e import DETERMINISTIC, ROOT, _run_cli, tiny_overrides
+from test_train_e2e import DETERMINISTIC, ROOT, _run_cli, assert_same_metrics, tiny_overrides
 
 from rlkit.config import ConfigError, load_config
 from rlkit.experience import Group, make_batch
@@ -196,7 +196,4 @@ def test_segments_train_kill9_resume_loses_and_repeats_nothing(tiny_model_dir, t
 
     assert [m["step"] for m in m_res] == [1, 2, 3, 4]
     seg_keys = [k for k in m_ref[0] if k.startswith("segments/") and "time" not in k]
-    for a, b in zip(m_ref, m_res):
-        for k in (*DETERMINISTIC, *seg_keys):
-            if k in a:
-                assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a["step"], k)
+    assert_same_metrics(m_ref, m_res, (*DETERMINISTIC, *seg_keys))

@@ -17,9 +17,24 @@ from rlkit.tracking import read_metrics
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
-# Keys that must be bit-for-bit reproducible (timings are not).
+# Keys that must reproduce across processes (timings do not).
 DETERMINISTIC = ("reward/mean", "reward/std", "response/len_mean", "response/len_max",
                  "actor/pg_loss", "actor/entropy", "actor/grad_norm", "actor/lr")
+# Learner outputs from float32 CPU kernels: two processes on the same batch agree to ~1e-5, not
+# bit for bit (CI once saw step-1 grad norms 10.282487 vs 10.282592 in two identical runs; MKL may
+# pick its thread split by load). A replayed or lost batch moves them by far more than 1e-4.
+KERNEL_KEYS = ("actor/pg_loss", "actor/entropy", "actor/grad_norm")
+
+
+def assert_same_metrics(m_ref: list[dict], m_res: list[dict], keys) -> None:
+    """Step by step, the resumed run's metrics equal the uninterrupted run's (keys missing in both skip)."""
+    assert [m["step"] for m in m_res] == [m["step"] for m in m_ref]
+    for a, b in zip(m_ref, m_res):
+        for k in keys:
+            if k not in a and k not in b:
+                continue
+            rel = 1e-4 if k in KERNEL_KEYS else 1e-5
+            assert a[k] == pytest.approx(b[k], rel=rel, abs=1e-6), (a["step"], k, a[k], b[k])
 
 
 def tiny_overrides(model_dir: str, out: Path, name: str, steps: int = 4) -> list[str]:
@@ -81,9 +96,7 @@ def test_train_kill9_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     m_res = _metrics(crash_dir)
     assert [m["step"] for m in m_res] == [1, 2, 3, 4]  # nothing lost, nothing duplicated
-    for a, b in zip(m_ref, m_res):
-        for k in DETERMINISTIC:
-            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a["step"], k)
+    assert_same_metrics(m_ref, m_res, DETERMINISTIC)
 
 
 def test_lora_dapo_train_in_process(tiny_model_dir, tmp_path):
