@@ -149,7 +149,7 @@ def test_two_ranks_equal_the_torch_learner(tiny_model_dir, ray_session, tmp_path
         ckpt = _get(group.checkpoint_state.remote())  # before the step: for the resume check below
         m_ds = _get(group.train_step.remote(copy.deepcopy(batch)))
         for k in ("actor/pg_loss", "actor/entropy", "actor/grad_norm", "actor/clip_frac", "actor/lr"):
-            assert m_ds[k] == pytest.approx(m_torch[k], rel=1e-5, abs=1e-6), k
+            assert m_ds[k] == pytest.approx(m_torch[k], rel=1e-4, abs=1e-6), k  # as the gradients above
         w_ds = _get(group.state_for_sync.remote())
         _assert_weights_match(ref.state_for_sync(), w_ds)
         lp = _get(group.compute_logprobs.remote(batch))
