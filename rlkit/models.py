@@ -82,7 +82,9 @@ def _is_hf_dir(path: Path) -> bool:
 def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
     """Return a local HF model directory for ``name``.
 
-    ``name`` is an existing local directory (returned as is), a built-in alias (see
+    ``name`` is an existing local directory (returned as is; a PEFT adapter directory, such as a
+    LoRA run's ``final/``, is merged into its base model once and the cached merged copy returned,
+    so a recipe can start from an earlier run's adapter), a built-in alias (see
     ``BUILTIN_MODELS``), converted on first use into ``cache_dir/<alias>`` (default:
     ``default_cache_dir()``), or a Hugging Face Hub id (``org/name``), fetched into the HF cache
     (``HF_HOME``; on several nodes put it on a shared filesystem, since the engines and learner ranks
@@ -91,6 +93,8 @@ def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
     """
     path = Path(name).expanduser()
     if path.is_dir():
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            return str(_merged_adapter(path, cache_dir))
         if not (path / "config.json").is_file():
             logger.warning("model directory %s has no config.json", path)
         return str(path)
@@ -127,6 +131,63 @@ def _hub_snapshot(repo_id: str) -> str:
             f"alias: {sorted(BUILTIN_MODELS)}") from None
 
 
+def _build_once(target: Path, build: Any) -> bool:
+    """``build(tmp_dir)`` then move it to ``target``, unless ``target`` is already an HF dir.
+
+    Safe when several processes (learner ranks, engines) race to do it; returns whether it built.
+    """
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if _is_hf_dir(target):  # another process finished while we waited
+            return False
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            build(tmp)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private
+            if target.exists():  # stale partial directory from an older, killed run
+                shutil.rmtree(target)
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return True
+
+
+def _merged_adapter(adapter_dir: Path, cache_dir: str | None) -> Path:
+    """``adapter_dir`` (PEFT LoRA) folded into its base model, cached by the adapter's content."""
+    import hashlib
+    import json
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{adapter_dir} has adapter_config.json but no adapter_model.safetensors")
+    conf = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base_name = conf.get("base_model_name_or_path")
+    if not base_name:
+        raise ValueError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path")
+    digest = hashlib.sha256(weights.read_bytes() + json.dumps(conf, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    target = root / "merged" / f"{adapter_dir.resolve().parent.name}-{adapter_dir.name}-{digest}"
+
+    def build(tmp: Path) -> None:
+        from peft import PeftModel
+
+        from rlkit.checkpoint import export_hf
+
+        base = resolve_model_path(base_name, cache_dir)
+        model = PeftModel.from_pretrained(load_model(base), str(adapter_dir))
+        has_tok = (adapter_dir / "tokenizer_config.json").is_file()
+        export_hf(model, load_tokenizer(str(adapter_dir) if has_tok else base), tmp, merge=True, inplace=True)
+
+    t0 = time.perf_counter()
+    if _build_once(target, build):
+        logger.info("merged adapter %s into its base %s -> %s in %.1f s", adapter_dir, base_name, target,
+                    time.perf_counter() - t0)
+    return target
+
+
 def _builtin_gguf(alias: str) -> tuple[Path, str]:
     spec = BUILTIN_MODELS[alias]
     found = importlib.util.find_spec(spec.package)
@@ -143,25 +204,10 @@ def _builtin_gguf(alias: str) -> tuple[Path, str]:
 
 def _convert_builtin(alias: str, target: Path) -> None:
     """GGUF -> HF directory at ``target``; safe when several processes race to do it."""
-    from filelock import FileLock
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if _is_hf_dir(target):  # another process finished while we waited
-            return
-        directory, gguf_file = _builtin_gguf(alias)
-        t0 = time.perf_counter()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.tmp-", dir=target.parent))
-        try:
-            _gguf_to_hf(directory, gguf_file, tmp)
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private
-            if target.exists():  # stale partial directory from an older, killed run
-                shutil.rmtree(target)
-            os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    logger.info("converted %s to %s in %.1f s", alias, target, time.perf_counter() - t0)
+    directory, gguf_file = _builtin_gguf(alias)
+    t0 = time.perf_counter()
+    if _build_once(target, lambda tmp: _gguf_to_hf(directory, gguf_file, tmp)):
+        logger.info("converted %s to %s in %.1f s", alias, target, time.perf_counter() - t0)
 
 
 def _gguf_to_hf(directory: Path, gguf_file: str, out: Path) -> None:

@@ -147,3 +147,40 @@ def test_smollm2_alias_resolves(smollm2_dir: str) -> None:
     assert (Path(smollm2_dir) / "config.json").is_file()
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
     assert resolve_model_path("smollm2-135m-instruct") == smollm2_dir  # cached: no reconversion
+
+
+def test_adapter_dir_resolves_to_a_merged_model_once(tiny_model_dir: str, tmp_path: Path) -> None:
+    """A LoRA run's ``final/`` as ``model.name``: merged into its base once, same logits as base + adapter."""
+    import torch
+
+    from rlkit.checkpoint import export_hf
+
+    torch.manual_seed(0)
+    peft_model = load_model(tiny_model_dir, lora={"rank": 4, "alpha": 8, "dropout": 0.0})
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.05)  # PEFT starts B at 0: make the adapter change the outputs
+    adapter = export_hf(peft_model, load_tokenizer(tiny_model_dir), tmp_path / "run" / "final")
+    cache = tmp_path / "cache"
+    merged = models.resolve_model_path(str(adapter), cache_dir=str(cache))
+    assert Path(merged, "config.json").is_file() and not Path(merged, "adapter_config.json").exists()
+    assert Path(merged).parent == cache / "merged" and Path(merged).name.startswith("run-final-")
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        want = peft_model.eval()(ids).logits
+        got = load_model(merged).eval()(ids).logits
+        base = load_model(tiny_model_dir).eval()(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - base).abs().max() > 1e-3  # the adapter is really in there
+    stamp = Path(merged, "config.json").stat().st_mtime_ns
+    assert models.resolve_model_path(str(adapter), cache_dir=str(cache)) == merged  # cached, not rebuilt
+    assert Path(merged, "config.json").stat().st_mtime_ns == stamp
+    # a different adapter (same path) gets its own merged copy
+    with torch.no_grad():
+        next(p for n, p in peft_model.named_parameters() if "lora_B" in n).add_(1.0)
+    export_hf(peft_model, None, adapter)
+    assert models.resolve_model_path(str(adapter), cache_dir=str(cache)) != merged
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors"):
+        models.resolve_model_path(str(adapter), cache_dir=str(cache))
