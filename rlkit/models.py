@@ -107,6 +107,9 @@ def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
         return str(target)
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         return _hub_snapshot(name)
+    if "/" in name or os.sep in name:
+        raise FileNotFoundError(f"model directory {name!r} does not exist (relative to {os.getcwd()}); "
+                                "a run's final/ appears when the run finishes")
     candidates = list(BUILTIN_MODELS) + list(_ALIAS_SYNONYMS)
     near = difflib.get_close_matches(name.lower(), candidates, n=1, cutoff=0.3)
     hint = f" Did you mean {_ALIAS_SYNONYMS.get(near[0], near[0])!r}?" if near else ""

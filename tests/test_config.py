@@ -132,3 +132,14 @@ def test_method_recipes_share_the_quickstart_setup(name):
     assert r["data"]["generator"] == q["data"]["generator"]
     assert r["data"]["prompt_template"] == q["data"]["prompt_template"]
     assert r["engine"]["max_new_tokens"] == q["engine"]["max_new_tokens"]
+
+
+def test_budget_penalty_boxed_is_budget_penalty_from_the_quickstart_adapter():
+    """Stage 2 of a two-stage recipe: only the start model and the boxed-only verifier differ."""
+    a = load_config(ROOT / "recipes/budget_penalty_boxed.yaml").model_dump()
+    b = load_config(ROOT / "recipes/budget_penalty.yaml").model_dump()
+    assert a["model"].pop("name") == "runs/quickstart/final" and b["model"].pop("name") == "smollm2-135m-instruct"
+    assert [(v["name"], v["params"]) for v in a["reward"].pop("verifiers")] == [("math", {"require_boxed": True})]
+    b["reward"].pop("verifiers")
+    a.pop("name"), b.pop("name")
+    assert a == b

@@ -31,6 +31,8 @@ def test_unknown_name_suggests_alias(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(FileNotFoundError, match=r"Hub snapshot failed.*huggingface-cli download meta-llama/Llama-3-8B"
                        r".*built-in alias: \['smollm2-135m-instruct'\]"):
         resolve_model_path("meta-llama/Llama-3-8B", cache_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"model directory 'runs/nope/final' does not exist"):
+        resolve_model_path("runs/nope/final", cache_dir=str(tmp_path))  # a path, not a hub id
 
 
 def test_local_dir_returned_as_is(tiny_model_dir: str) -> None:

@@ -114,6 +114,29 @@ def test_lora_dapo_train_in_process(tiny_model_dir, tmp_path):
     assert (Path(summary["final"]) / "adapter_config.json").is_file()
 
 
+def test_second_stage_starts_from_the_first_runs_lora_adapter(tiny_model_dir, tmp_path, monkeypatch):
+    """budget_penalty_boxed.yaml's path: model.name = a LoRA run's final/ (merged once), a new adapter on top."""
+    from rlkit.trainer import Trainer
+
+    monkeypatch.setenv("RLKIT_CACHE", str(tmp_path / "cache"))
+    s1 = load_config(ROOT / "recipes/quickstart.yaml",
+                     tiny_overrides(tiny_model_dir, tmp_path, "s1", steps=1) + ["model.lora.rank=4", "eval.after=false"])
+    adapter = Path(Trainer(s1).run()["final"])
+    assert (adapter / "adapter_config.json").is_file()
+    ov = tiny_overrides(tiny_model_dir, tmp_path, "s2", steps=2) + [
+        f"model.name={adapter}", "model.lora.rank=4", "eval.after=false",
+        "reward.verifiers=[{name: math, params: {require_boxed: true}}]"]
+    s2 = load_config(ROOT / "recipes/budget_penalty_boxed.yaml", ov)
+    final = Path(Trainer(s2).run()["final"])
+    assert [m["step"] for m in _metrics(tmp_path / "s2")] == [1, 2]
+    merged = json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(merged).parent == tmp_path / "cache" / "models" / "merged" and (Path(merged) / "config.json").is_file()
+    ev = _run_cli(["eval", str(tmp_path / "s2"), "--out", str(tmp_path / "eval.json")],
+                  {"RLKIT_CACHE": str(tmp_path / "cache")})
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert json.loads((tmp_path / "eval.json").read_text())["model"] == str(final)
+
+
 def test_local_ray_stays_on_loopback():
     import ray
 
