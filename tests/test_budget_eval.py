@@ -284,3 +284,30 @@ def test_train_budget_predictor_from_a_recipe_uses_its_training_rows(tiny_model_
     assert len(prompts) == 5 and prompts <= {tuple(ids(r)) for r in train}  # the recipe's template, train rows
     assert not prompts & {tuple(ids(r)) for r in held_out}
     assert json.loads((out / "budget_predictor.json").read_text())["meta"]["base_model"] == tiny_model_dir
+
+
+@pytest.mark.slow
+def test_training_rollouts_are_guided_and_counted(tiny_model_dir, eos_predictor_dir, tmp_path) -> None:
+    """``rlkit train`` with ``model.budget_guidance`` + ``data.budget``: the Ray rollout workers guide
+    every budgeted rollout (this predictor forces EOS at the first guided step, so every response is
+    the one EOS token) and the step logs the guidance counters."""
+    from test_train_e2e import tiny_overrides
+
+    from rlkit.tracking import read_metrics
+    from rlkit.trainer import Trainer
+
+    ov = tiny_overrides(tiny_model_dir, tmp_path, "guided", steps=2) + [
+        "eval.after=false", "data.budget={prior: fixed, low: 8, high: 8}",
+        f"model.budget_guidance={eos_predictor_dir}"]
+    Trainer(load_config(QUICKSTART, ov)).run()
+    m = read_metrics(tmp_path / "guided")
+    assert [x["step"] for x in m] == [1, 2]
+    for x in m:  # 2 prompts x 4 samples, each guided once (its first token) and ended there
+        assert x["response/len_max"] == 1.0
+        assert x["budget_guidance/guided_steps"] == 8.0 and x["budget_guidance/changed_steps"] <= 8.0
+        assert x["budget_guidance/unreliable_steps"] == 0.0  # EOS always passes the mask
+    unguided = tiny_overrides(tiny_model_dir, tmp_path, "plain", steps=1) + [
+        "eval.after=false", "data.budget={prior: fixed, low: 8, high: 8}"]
+    Trainer(load_config(QUICKSTART, unguided)).run()
+    (p,) = read_metrics(tmp_path / "plain")
+    assert p["response/len_max"] > 1.0 and not any(k.startswith("budget_guidance/") for k in p)

@@ -100,6 +100,9 @@ class EnginePool:
         self.weight_sync = weight_sync
         self._learner: Any = None  # the learner of the last collective/IPC sync (restarts load from it)
         self.last_sync: dict[str, float] = {}  # what the last collective/IPC sync reported (bytes, seconds)
+        self.guided = any(isinstance(s.args[2], dict) and s.args[2].get("budget_guidance") for s in self.specs
+                          if len(s.args) > 2)
+        self._guidance_seen: list[dict[str, int]] = [{} for _ in self.specs]  # last counters read per engine
 
     # ------------------------------------------------------------------ lifecycle
     @staticmethod
@@ -278,4 +281,20 @@ class EnginePool:
         m = {"cluster/actor_restarts": float(sum(self.restarts))}
         if self.events:
             m["cluster/restart_s"] = self.events[-1].restart_s + self.events[-1].sync_s
+        if self.guided:
+            m.update(self.guidance_metrics())
         return m
+
+    def guidance_metrics(self) -> dict[str, float]:
+        """Budget guidance since the last call, summed over engines (rows x decode steps):
+        ``budget_guidance/guided_steps`` (reweighted), ``/unreliable_steps`` (no candidate passed the
+        reliability mask) and ``/changed_steps`` (the guided argmax differs from the LM's)."""
+        out = {"guided_steps": 0.0, "unreliable_steps": 0.0, "changed_steps": 0.0}
+        counts = self.run([Call(k, "guidance_counts", ()) for k in range(len(self.actors))])
+        for k, now in enumerate(counts):
+            last = self._guidance_seen[k]
+            restarted = any(now.get(key, 0) < v for key, v in last.items())  # a recreated engine starts at 0
+            for key, v in now.items():
+                out[key.replace("_row_steps", "_steps")] += v - (0 if restarted else last.get(key, 0))
+            self._guidance_seen[k] = dict(now)
+        return {f"budget_guidance/{k}": v for k, v in out.items()}

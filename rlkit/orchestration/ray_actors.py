@@ -81,10 +81,11 @@ class RolloutWorker:
         guidance = engine_kwargs.pop("budget_guidance", None)
         guidance_params = engine_kwargs.pop("budget_guidance_params", None)
         self.engine = get_engine_class(engine_name)(model_path, **engine_kwargs)
+        self._guidance = None
         if guidance:
             from rlkit.budget_eval import attach_budget_guidance
 
-            attach_budget_guidance(self.engine, guidance, guidance_params)
+            self._guidance = attach_budget_guidance(self.engine, guidance, guidance_params)
         from rlkit.orchestration.weight_sync import EngineSyncEndpoint
 
         self._sync = EngineSyncEndpoint(self.engine)
@@ -96,6 +97,14 @@ class RolloutWorker:
 
     def score(self, prefixes, continuations):
         return self.engine.score(prefixes, continuations)
+
+    def guidance_counts(self) -> dict[str, int]:
+        """Budget guidance's running counters (rows x decode steps) since this actor started; {} = none."""
+        g = self._guidance
+        if g is None:
+            return {}
+        return {"guided_row_steps": g.guided_row_steps, "unreliable_row_steps": g.unreliable_row_steps,
+                "changed_row_steps": g.changed_row_steps}
 
     def load_weights(self, state, version: int | None = None) -> float:
         import numpy as np
