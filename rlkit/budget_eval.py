@@ -220,6 +220,7 @@ def evaluate_budgets(
     ``encode(row, b)`` (budget text in the prompt) instead of ``encode(row, None)``.
     """
     from rlkit.evaluate import evaluate_rows
+    from rollout.budget import BudgetGuidance
 
     modes = list(MODES if guidance is not None else MODES[:1])
     bar = _Progress(len(rows) * len(budgets) * len(modes), enabled=progress)
@@ -229,16 +230,16 @@ def evaluate_budgets(
             for b in budgets:
                 guided = mode == "guided"
                 bar.describe(f"{mode} b={b}")
-                keys = ("guided_row_steps", "unreliable_row_steps", "changed_row_steps")
-                before = {k: getattr(guidance, k, 0) for k in keys} if guided else {}
+                before = guidance.counts() if guided else {}
                 t0 = time.perf_counter()
                 res = evaluate_rows(
                     cfg, rows, lambda r, _b=b: encode(r, _b if budget_in_prompt else None), generate,
                     max_new_tokens=b, budget=b if guided else None,
                     request_meta={"logits_processors": [guidance]} if guided else None, on_batch=bar.advance,
                 )
+                after = guidance.counts() if guided else {}
                 rec = {"mode": mode, "budget": b, "budget_in_prompt": budget_in_prompt,
-                       **{k: (getattr(guidance, k, 0) - before[k]) if guided else 0 for k in keys},
+                       **{k: after.get(k, 0) - before.get(k, 0) for k in BudgetGuidance.COUNTERS},
                        "time_s": time.perf_counter() - t0, **res}
                 records.append(rec)
                 extra = (f"  guided steps {rec['guided_row_steps']} (no reliable token "

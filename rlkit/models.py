@@ -93,9 +93,9 @@ def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
     """
     path = Path(name).expanduser()
     if path.is_dir():
-        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-            return str(_merged_adapter(path, cache_dir))
         if not (path / "config.json").is_file():
+            if (path / "adapter_config.json").is_file():
+                return str(_merged_adapter(path, cache_dir))
             logger.warning("model directory %s has no config.json", path)
         return str(path)
     alias = _ALIAS_SYNONYMS.get(name.lower(), name.lower())

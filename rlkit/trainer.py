@@ -229,6 +229,8 @@ class Trainer:
         else:
             tracker.print(f"step {step}: no informative group; update skipped")
         m.update(self.engines.metrics())  # cluster/actor_restarts: engines recreated after dying
+        if cfg.model.budget_guidance:
+            m.update(self.engines.guidance_metrics())
         gen_tokens = m.get("rollout/tokens_generated",  # segments: this step's tokens, not whole samples'
                            sum(len(c.token_ids) for g in all_groups for c in g.completions))
         m["time/step_s"] = time.perf_counter() - t0

@@ -343,6 +343,7 @@ class BudgetGuidance:
     """
 
     needs_hidden_states = True
+    COUNTERS = ("guided_row_steps", "unreliable_row_steps", "changed_row_steps")
 
     def __init__(self, predictor: GammaPredictor, tokenizer: Any, params: GuidanceParams = GuidanceParams()) -> None:
         self.predictor = predictor.eval()
@@ -366,6 +367,10 @@ class BudgetGuidance:
         predictor, meta = load_predictor(path, device)
         saved = {k: tuple(v) if k == "trigger_strings" else v for k, v in meta.get("guidance", {}).items()}
         return cls(predictor, tokenizer, replace(GuidanceParams(**saved), **overrides))
+
+    def counts(self) -> dict[str, int]:
+        """The diagnostics counters (rows x decode steps) since this processor was made."""
+        return {k: getattr(self, k) for k in self.COUNTERS}
 
     def _memory(self, state: Any) -> _RowMemory:
         mem = state.extra.get(self._key)

@@ -100,8 +100,6 @@ class EnginePool:
         self.weight_sync = weight_sync
         self._learner: Any = None  # the learner of the last collective/IPC sync (restarts load from it)
         self.last_sync: dict[str, float] = {}  # what the last collective/IPC sync reported (bytes, seconds)
-        self.guided = any(isinstance(s.args[2], dict) and s.args[2].get("budget_guidance") for s in self.specs
-                          if len(s.args) > 2)
         self._guidance_seen: list[dict[str, int]] = [{} for _ in self.specs]  # last counters read per engine
 
     # ------------------------------------------------------------------ lifecycle
@@ -168,6 +166,7 @@ class EnginePool:
         t2 = time.perf_counter()
         self.actors[k] = new
         self.restarts[k] += 1
+        self._guidance_seen[k] = {}  # the new engine's guidance counters start at 0
         ev = RestartEvent(k, reason, detected_at, t1 - t0, t2 - t1, self.version)
         self.events.append(ev)
         self.log(f"rollout engine {k} died ({reason}); recreated in {ev.restart_s:.1f}s, loaded policy version "
@@ -281,8 +280,6 @@ class EnginePool:
         m = {"cluster/actor_restarts": float(sum(self.restarts))}
         if self.events:
             m["cluster/restart_s"] = self.events[-1].restart_s + self.events[-1].sync_s
-        if self.guided:
-            m.update(self.guidance_metrics())
         return m
 
     def guidance_metrics(self) -> dict[str, float]:
@@ -292,9 +289,7 @@ class EnginePool:
         out = {"guided_steps": 0.0, "unreliable_steps": 0.0, "changed_steps": 0.0}
         counts = self.run([Call(k, "guidance_counts", ()) for k in range(len(self.actors))])
         for k, now in enumerate(counts):
-            last = self._guidance_seen[k]
-            restarted = any(now.get(key, 0) < v for key, v in last.items())  # a recreated engine starts at 0
             for key, v in now.items():
-                out[key.replace("_row_steps", "_steps")] += v - (0 if restarted else last.get(key, 0))
+                out[key.replace("_row_steps", "_steps")] += v - self._guidance_seen[k].get(key, 0)
             self._guidance_seen[k] = dict(now)
         return {f"budget_guidance/{k}": v for k, v in out.items()}

@@ -100,11 +100,7 @@ class RolloutWorker:
 
     def guidance_counts(self) -> dict[str, int]:
         """Budget guidance's running counters (rows x decode steps) since this actor started; {} = none."""
-        g = self._guidance
-        if g is None:
-            return {}
-        return {"guided_row_steps": g.guided_row_steps, "unreliable_row_steps": g.unreliable_row_steps,
-                "changed_row_steps": g.changed_row_steps}
+        return {} if self._guidance is None else self._guidance.counts()
 
     def load_weights(self, state, version: int | None = None) -> float:
         import numpy as np
