@@ -8,7 +8,7 @@ per-token credit for ``rlkit inspect``, and renders. Length shaping with a per-p
 from __future__ import annotations
 
 import pytest
-from test_train_e2e import DETERMINISTIC, ROOT, _run_cli, assert_same_metrics, tiny_overrides
+from test_train_e2e import DETERMINISTIC, KILL_STEP, ROOT, _run_cli, assert_same_metrics, tiny_overrides
 
 from rlkit.config import load_config
 from rlkit.tracking import read_metrics
@@ -68,7 +68,7 @@ def test_length_history_and_budgets_survive_kill9(tiny_model_dir, tmp_path):
     ref = _run_cli(["train", recipe, *tiny_overrides(tiny_model_dir, tmp_path, "ref"), *extra])
     assert ref.returncode == 0, ref.stderr[-3000:]
     args = ["train", recipe, *tiny_overrides(tiny_model_dir, tmp_path, "crash"), *extra]
-    assert _run_cli(args, {"RLKIT_KILL_AT_STEP": "3"}).returncode == -9
+    assert _run_cli(args, {"RLKIT_KILL_AT_STEP": str(KILL_STEP)}).returncode == -9
     resumed = _run_cli(args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     m_ref, m_res = read_metrics(tmp_path / "ref"), read_metrics(tmp_path / "crash")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train_e2e import DETERMINISTIC, ROOT, _run_cli, assert_same_metrics, tiny_overrides
+from test_train_e2e import DETERMINISTIC, KILL_STEP, ROOT, _run_cli, assert_same_metrics, tiny_overrides
 
 from rlkit.config import ConfigError, load_config
 from rlkit.experience import Group, make_batch
@@ -177,7 +177,7 @@ def test_segments_train_kill9_resume_loses_and_repeats_nothing(tiny_model_dir, t
     assert all("actor/pg_loss" in m or m["rollout/kept_groups"] == 0 for m in m_ref)
 
     crash_dir = tmp_path / "crash"
-    crashed = _run_cli(args("crash"), {"RLKIT_KILL_AT_STEP": "3"})
+    crashed = _run_cli(args("crash"), {"RLKIT_KILL_AT_STEP": str(KILL_STEP)})
     assert crashed.returncode == -9, crashed.stderr[-3000:]
     assert [r["step"] for r in read_segment_log(crash_dir)] == [1, 2, 3]  # step 3 handed out, then killed
     resumed = _run_cli(args("crash"))
