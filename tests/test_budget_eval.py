@@ -311,3 +311,37 @@ def test_training_rollouts_are_guided_and_counted(tiny_model_dir, eos_predictor_
     Trainer(load_config(QUICKSTART, unguided)).run()
     (p,) = read_metrics(tmp_path / "plain")
     assert p["response/len_max"] > 1.0 and not any(k.startswith("budget_guidance/") for k in p)
+
+
+@pytest.mark.slow
+def test_guidance_counters_stay_right_across_an_engine_restart(tiny_model_dir, eos_predictor_dir) -> None:
+    """The pool reports guided steps per call (deltas of each engine's running counters); an engine
+    killed and recreated starts its counters at 0, and the next report still counts exactly the
+    steps guided since the last one (without the reset it would subtract the dead engine's total)."""
+    import ray
+
+    from rlkit.orchestration.ray_actors import init_ray, spawn_actors
+    from rollout.engine import RolloutRequest, SamplingParams
+
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", "engine.num_engines=2", "learner.num_threads=1",
+                             "cluster.num_cpus=2", "cluster.max_actor_restarts=1"])
+    init_ray(cfg)
+    kw = {"seed": 0, "max_batch_size": 8, "budget_guidance": eos_predictor_dir,
+          "budget_guidance_params": dict(cfg.model.budget_guidance_params)}
+    _, pool = spawn_actors(cfg, tiny_model_dir, kw)
+    try:
+        params = SamplingParams(max_new_tokens=6, temperature=1.0, n=2, seed=3)
+        # 4 requests x 2 samples, round-robin over 2 engines; each sample is guided once (EOS at once)
+        reqs = [RolloutRequest([3, 4, 5 + i], params, group_id=i, budget=8) for i in range(4)]
+        for _ in range(2):
+            comps, _ = pool.generate(reqs)
+            assert all(len(c.token_ids) == 1 for c in comps)
+            assert pool.guidance_metrics()["budget_guidance/guided_steps"] == 8.0
+        ray.kill(pool.actors[1], no_restart=True)
+        pool.generate(reqs)  # engine 1 is recreated and its shard retried
+        assert pool.restarts == [0, 1]
+        m = pool.guidance_metrics()
+        assert m["budget_guidance/guided_steps"] == 8.0 and m["budget_guidance/unreliable_steps"] == 0.0
+    finally:
+        pool.shutdown()
+        ray.shutdown()
