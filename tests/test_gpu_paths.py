@@ -1,0 +1,108 @@
+"""CUDA paths of the Ray pipeline, for a machine with one GPU (skipped elsewhere): ``pytest -m gpu``.
+
+The learner (DeepSpeed, one rank) and the HF rollout engine share the GPU (``cluster.placement=
+colocated``) and the weights move by CUDA IPC: the engine opens the learner's buckets in place.
+The CPU suite covers the same code paths over the object store and gloo; these tests are what a
+lent GPU should run first (they have not run yet: no GPU was lent to the sessions that wrote them).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlkit.config import load_config
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed"),
+]
+
+PREFIXES = [[3, 4, 5, 6], [7, 8, 9], [10, 11]]
+CONTS = [[12, 13, 14, 15], [16, 17, 18], [19, 20, 21, 22, 23]]
+ONE_GPU = ["learner.name=deepspeed", "cluster.learner_gpus=1", "cluster.engine_gpus=1",
+           "cluster.placement=colocated", "cluster.weight_sync=cuda_ipc", "model.dtype=float32"]
+
+
+@pytest.fixture(scope="module")
+def ray_gpu():
+    import ray
+
+    from rlkit.orchestration.ray_actors import init_ray
+
+    init_ray(load_config(None, ["cluster.num_cpus=4"]))
+    yield
+    ray.shutdown()
+
+
+def _engines_match_learner(pool, learner, version: int, atol: float = 1e-4) -> list[list[float]]:
+    """Each engine scores the fixed continuations like the learner (float32 on one GPU; different
+    batch shapes pick different kernels, hence 1e-4 rather than the CPU tests' 1e-5)."""
+    import ray
+
+    from rlkit.batch import build_batch
+
+    lp = ray.get(learner.compute_logprobs.remote(build_batch(PREFIXES, CONTS, pad_id=0))).cpu()
+    for a in pool.actors:
+        assert ray.get(a.info.remote())["policy_version"] == version
+        for i, row in enumerate(ray.get(a.score.remote(PREFIXES, CONTS))):
+            torch.testing.assert_close(torch.tensor(row), lp[i, : len(row)], atol=atol, rtol=0)
+    return [lp[i, : len(c)].tolist() for i, c in enumerate(CONTS)]
+
+
+def test_cuda_ipc_sync_after_a_deepspeed_step_on_one_gpu(tiny_model_dir, ray_gpu):
+    import ray
+
+    from rlkit.batch import build_batch
+    from rlkit.orchestration.ray_actors import spawn_actors
+
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", *ONE_GPU, "learner.lr=5e-2",
+                             "learner.micro_batch_size=2", "cluster.sync_bucket_mb=0.1"])
+    learner, pool = spawn_actors(cfg, tiny_model_dir, {"seed": 0, "max_batch_size": 8, "dtype": "float32"})
+    try:
+        assert all(ray.get(a.device_uuid.remote()) for a in pool.actors)  # the engine is on the GPU
+        before = ray.get(pool.actors[0].score.remote(PREFIXES, CONTS))
+        batch = build_batch(PREFIXES, CONTS, pad_id=0)
+        batch.advantages_BT = torch.randn(batch.response_mask_BT.shape,
+                                          generator=torch.Generator().manual_seed(0)) * batch.response_mask_BT
+        ray.get(learner.train_step.remote(batch))
+        pool.sync(learner, 1)
+        stats = pool.last_sync
+        after = _engines_match_learner(pool, learner, 1)
+        assert max(abs(a - b) for ra, rb in zip(after, before) for a, b in zip(ra, rb)) > 1e-3  # weights moved
+        assert stats["bytes"] > 0 and stats["buckets"] > 1 and pool._state is None  # nothing in the object store
+        print(f"\n[cuda_ipc] {stats['bytes'] / 2**20:.2f} MiB in {stats['buckets']:.0f} buckets: "
+              f"{stats['sync_s'] * 1e3:.1f} ms")
+        # colocated: the engine gives its memory to the learner while it trains, and serves the same after
+        pool.sleep()
+        pool.wake()
+        _engines_match_learner(pool, learner, 1)
+    finally:
+        pool.shutdown()
+        learner.shutdown()
+
+
+def test_train_colocated_on_one_gpu(tiny_model_dir, ray_gpu, tmp_path):
+    """Two steps of the quickstart through the Trainer with the learner and the engine on one GPU."""
+    from rlkit.tracking import read_metrics
+    from rlkit.trainer import Trainer
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(root / "recipes/quickstart.yaml", [
+        f"model.name={tiny_model_dir}", f"output_dir={tmp_path}", "name=gpu", "train.steps=2",
+        "train.prompts_per_step=2", "train.samples_per_prompt=4", "engine.max_new_tokens=12",
+        "data.generator={n: 40, max_value: 9}", "data.eval_size=4", "learner.lr=1e-3", "learner.micro_batch_size=4",
+        "tracking.tensorboard=false", "reward.mode=inline", "model.lora.rank=0", "eval.before=false",
+        "eval.after=true", "eval.max_new_tokens=8", "checkpoint.every=1", *ONE_GPU,
+    ])
+    summary = Trainer(cfg).run()
+    m = read_metrics(tmp_path / "gpu")
+    assert [x["step"] for x in m] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(x["actor/grad_norm"])) and x["time/sync_s"] > 0 for x in m)
+    assert summary["eval_after"]["problems"] == 4.0
+    assert (tmp_path / "gpu" / "final" / "config.json").is_file()
