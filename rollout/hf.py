@@ -28,6 +28,7 @@ import torch
 
 from rollout.budget import HIDDEN_STATES_KEY
 from rollout.engine import Completion, RolloutRequest, SamplingParams, generation_stats, register_engine
+from rollout.hf_cache import cache_kwargs, output_cache
 from rollout.sampling import (
     DecodeState,
     LogitsProcessor,
@@ -326,8 +327,8 @@ class HFEngine:
                 for name in ("request_index_B", "sample_index_B", "budget_B"):
                     setattr(state, name, getattr(state, name)[keep])
             res = self.model(input_ids=tok_b[:, None], attention_mask=bt.attn[:, : P + step + 1],
-                             position_ids=bt.pos[:, None], past_key_values=cache, use_cache=True, **hidden_kw)
-            cache, logits_bV = res.past_key_values, res.logits[:, -1, :]
+                             position_ids=bt.pos[:, None], use_cache=True, **cache_kwargs(self.model, cache), **hidden_kw)
+            cache, logits_bV = output_cache(self.model, res), res.logits[:, -1, :]
             if hidden_kw:
                 state.extra[HIDDEN_STATES_KEY] = _last_hidden(res)
             bt.pos = bt.pos + 1
@@ -346,7 +347,7 @@ class HFEngine:
         pos_u = (attn_u.cumsum(-1) - 1).clamp(min=0)
         res = self.model(input_ids=ids_u, attention_mask=attn_u, position_ids=pos_u, use_cache=True, logits_to_keep=1,
                          **({"output_hidden_states": True} if hidden_out is not None else {}))
-        cache, logits = res.past_key_values, res.logits[:, -1, :]
+        cache, logits = output_cache(self.model, res), res.logits[:, -1, :]
         if hidden_out is not None:
             hidden = _last_hidden(res)
             hidden_out[HIDDEN_STATES_KEY] = hidden if inverse is None else hidden[inverse]

@@ -18,6 +18,7 @@ from torch import Tensor
 from rlkit.algorithms import POLICY_LOSSES, PolicyLossInputs, aggregate, apply_loss_masks, kl_penalty
 from rlkit.batch import TrainBatch, pad_to
 from rlkit.config import AlgorithmConfig, LearnerConfig, ModelConfig, TrainConfig
+from rollout.hf_cache import cache_kwargs, output_cache
 from rollout.sampling import unique_rows
 
 
@@ -62,10 +63,10 @@ def _response_logits(model: torch.nn.Module, mb: TrainBatch, share_prompt: bool)
     first_BV = head.logits[inverse_B, -1]
     if T == 1:
         return first_BV[:, None]
-    cache = head.past_key_values
+    cache = output_cache(model, head)
     cache.batch_select_indices(inverse_B)  # U -> B rows; indexing keeps the autograd graph
     tail = model(input_ids=ids[:, P:-1], attention_mask=attn[:, :-1], position_ids=pos[:, P:-1],
-                 past_key_values=cache, use_cache=True)
+                 use_cache=True, **cache_kwargs(model, cache))
     return torch.cat([first_BV[:, None], tail.logits], dim=1)
 
 
