@@ -22,10 +22,10 @@ DETERMINISTIC = ("reward/mean", "reward/std", "response/len_mean", "response/len
                  "actor/pg_loss", "actor/entropy", "actor/grad_norm", "actor/lr")
 # Learner outputs from float32 CPU kernels. CI twice saw two identical processes disagree before
 # any kill: step-1 grad norms 10.282487 vs 10.282592, and once a step-2 reward (the step-1 update
-# differed in the last bits, Adam's first step amplifies that, and one sampled token flipped); never
-# here, loaded or not. The e2e runs therefore use one torch/MKL thread per actor (tiny_overrides),
-# which leaves each float sum one order; the kernel keys keep rel 1e-4 as a margin. A replayed or
-# lost batch moves them by far more.
+# differed in the last bits, Adam's first step amplifies that, and one sampled token flipped). Two
+# 2-thread SmolLM2 quickstart runs here differ the same way at step 1; with learner.num_threads=1
+# they match bit for bit. So the e2e runs use one torch thread per actor (tiny_overrides); the
+# kernel keys keep rel 1e-4 as a margin. A replayed or lost batch moves them by far more.
 KERNEL_KEYS = ("actor/pg_loss", "actor/entropy", "actor/grad_norm")
 KILL_STEP = 3  # RLKIT_KILL_AT_STEP of the crash runs
 
