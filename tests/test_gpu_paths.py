@@ -9,7 +9,6 @@ lent GPU should run first (they have not run yet: no GPU was lent to the session
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -89,17 +88,13 @@ def test_cuda_ipc_sync_after_a_deepspeed_step_on_one_gpu(tiny_model_dir, ray_gpu
 
 def test_train_colocated_on_one_gpu(tiny_model_dir, ray_gpu, tmp_path):
     """Two steps of the quickstart through the Trainer with the learner and the engine on one GPU."""
+    from test_train_e2e import ROOT, tiny_overrides
+
     from rlkit.tracking import read_metrics
     from rlkit.trainer import Trainer
 
-    root = Path(__file__).resolve().parent.parent
-    cfg = load_config(root / "recipes/quickstart.yaml", [
-        f"model.name={tiny_model_dir}", f"output_dir={tmp_path}", "name=gpu", "train.steps=2",
-        "train.prompts_per_step=2", "train.samples_per_prompt=4", "engine.max_new_tokens=12",
-        "data.generator={n: 40, max_value: 9}", "data.eval_size=4", "learner.lr=1e-3", "learner.micro_batch_size=4",
-        "tracking.tensorboard=false", "reward.mode=inline", "model.lora.rank=0", "eval.before=false",
-        "eval.after=true", "eval.max_new_tokens=8", "checkpoint.every=1", *ONE_GPU,
-    ])
+    cfg = load_config(ROOT / "recipes/quickstart.yaml", [
+        *tiny_overrides(tiny_model_dir, tmp_path, "gpu", steps=2), "eval.before=false", "checkpoint.every=1", *ONE_GPU])
     summary = Trainer(cfg).run()
     m = read_metrics(tmp_path / "gpu")
     assert [x["step"] for x in m] == [1, 2]
