@@ -28,7 +28,7 @@ import torch
 
 from rollout.budget import HIDDEN_STATES_KEY
 from rollout.engine import Completion, RolloutRequest, SamplingParams, generation_stats, register_engine
-from rollout.hf_cache import cache_kwargs, output_cache
+from rollout.hf_cache import cache_name, output_cache
 from rollout.sampling import (
     DecodeState,
     LogitsProcessor,
@@ -289,6 +289,7 @@ class HFEngine:
         gen_len, reason = [T_max] * B, ["length"] * B
 
         cache, logits_bV = self._prefill(bt.ids[:, :P], bt.attn[:, :P], state.extra if hidden_kw else None)
+        kv = cache_name(self.model)  # the KV-cache keyword of this transformers version
         for step in range(T_max):
             if processors:
                 state.num_generated_B, state.temperature_B = bt.ngen, bt.temp
@@ -327,8 +328,8 @@ class HFEngine:
                 for name in ("request_index_B", "sample_index_B", "budget_B"):
                     setattr(state, name, getattr(state, name)[keep])
             res = self.model(input_ids=tok_b[:, None], attention_mask=bt.attn[:, : P + step + 1],
-                             position_ids=bt.pos[:, None], use_cache=True, **cache_kwargs(self.model, cache), **hidden_kw)
-            cache, logits_bV = output_cache(self.model, res), res.logits[:, -1, :]
+                             position_ids=bt.pos[:, None], use_cache=True, **{kv: cache}, **hidden_kw)
+            cache, logits_bV = getattr(res, kv), res.logits[:, -1, :]
             if hidden_kw:
                 state.extra[HIDDEN_STATES_KEY] = _last_hidden(res)
             bt.pos = bt.pos + 1
