@@ -286,10 +286,12 @@ class EnginePool:
         """Budget guidance since the last call, summed over engines (rows x decode steps):
         ``budget_guidance/guided_steps`` (reweighted), ``/unreliable_steps`` (no candidate passed the
         reliability mask) and ``/changed_steps`` (the guided argmax differs from the LM's)."""
-        out = {"guided_steps": 0.0, "unreliable_steps": 0.0, "changed_steps": 0.0}
+        from rollout.budget import BudgetGuidance
+
+        out = dict.fromkeys(BudgetGuidance.COUNTERS, 0.0)
         counts = self.run([Call(k, "guidance_counts", ()) for k in range(len(self.actors))])
         for k, now in enumerate(counts):
             for key, v in now.items():
-                out[key.replace("_row_steps", "_steps")] += v - self._guidance_seen[k].get(key, 0)
+                out[key] += v - self._guidance_seen[k].get(key, 0)
             self._guidance_seen[k] = dict(now)
-        return {f"budget_guidance/{k}": v for k, v in out.items()}
+        return {f"budget_guidance/{k.replace('_row_steps', '_steps')}": v for k, v in out.items()}
