@@ -22,10 +22,11 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed"),
 ]
 
-PREFIXES = [[3, 4, 5, 6], [7, 8, 9], [10, 11]]
-CONTS = [[12, 13, 14, 15], [16, 17, 18], [19, 20, 21, 22, 23]]
 ONE_GPU = ["learner.name=deepspeed", "cluster.learner_gpus=1", "cluster.engine_gpus=1",
            "cluster.placement=colocated", "cluster.weight_sync=cuda_ipc", "model.dtype=float32"]
+# float32 on one GPU: the learner and the engine score with different batch shapes, so different
+# kernels; 1e-4 rather than the CPU tests' 1e-5
+GPU_ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -39,23 +40,10 @@ def ray_gpu():
     ray.shutdown()
 
 
-def _engines_match_learner(pool, learner, version: int, atol: float = 1e-4) -> list[list[float]]:
-    """Each engine scores the fixed continuations like the learner (float32 on one GPU; different
-    batch shapes pick different kernels, hence 1e-4 rather than the CPU tests' 1e-5)."""
-    import ray
-
-    from rlkit.batch import build_batch
-
-    lp = ray.get(learner.compute_logprobs.remote(build_batch(PREFIXES, CONTS, pad_id=0))).cpu()
-    for a in pool.actors:
-        assert ray.get(a.info.remote())["policy_version"] == version
-        for i, row in enumerate(ray.get(a.score.remote(PREFIXES, CONTS))):
-            torch.testing.assert_close(torch.tensor(row), lp[i, : len(row)], atol=atol, rtol=0)
-    return [lp[i, : len(c)].tolist() for i, c in enumerate(CONTS)]
-
-
 def test_cuda_ipc_sync_after_a_deepspeed_step_on_one_gpu(tiny_model_dir, ray_gpu):
     import ray
+    from test_weight_sync import CONTS, PREFIXES
+    from test_weight_sync import _assert_engines_match_learner as engines_match_learner
 
     from rlkit.batch import build_batch
     from rlkit.orchestration.ray_actors import spawn_actors
@@ -72,7 +60,7 @@ def test_cuda_ipc_sync_after_a_deepspeed_step_on_one_gpu(tiny_model_dir, ray_gpu
         ray.get(learner.train_step.remote(batch))
         pool.sync(learner, 1)
         stats = pool.last_sync
-        after = _engines_match_learner(pool, learner, 1)
+        after = engines_match_learner(pool, learner, 1, atol=GPU_ATOL)
         assert max(abs(a - b) for ra, rb in zip(after, before) for a, b in zip(ra, rb)) > 1e-3  # weights moved
         assert stats["bytes"] > 0 and stats["buckets"] > 1 and pool._state is None  # nothing in the object store
         print(f"\n[cuda_ipc] {stats['bytes'] / 2**20:.2f} MiB in {stats['buckets']:.0f} buckets: "
@@ -80,7 +68,7 @@ def test_cuda_ipc_sync_after_a_deepspeed_step_on_one_gpu(tiny_model_dir, ray_gpu
         # colocated: the engine gives its memory to the learner while it trains, and serves the same after
         pool.sleep()
         pool.wake()
-        _engines_match_learner(pool, learner, 1)
+        engines_match_learner(pool, learner, 1, atol=GPU_ATOL)
     finally:
         pool.shutdown()
         learner.shutdown()

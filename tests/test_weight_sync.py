@@ -172,17 +172,18 @@ def _perturb(learner, seed: int) -> None:
     ray.get(learner.load_checkpoint_state.remote(st))
 
 
-def _assert_engines_match_learner(pool, learner, version: int) -> list[list[float]]:
+def _assert_engines_match_learner(pool, learner, version: int, atol: float = 1e-5) -> list[list[float]]:
+    """Each engine holds ``version`` and scores the fixed continuations like the learner."""
     import ray
 
     from rlkit.batch import build_batch
 
-    lp = ray.get(learner.compute_logprobs.remote(build_batch(PREFIXES, CONTS, pad_id=0)))
+    lp = torch.as_tensor(ray.get(learner.compute_logprobs.remote(build_batch(PREFIXES, CONTS, pad_id=0)))).cpu()
     for a in pool.actors:
         assert ray.get(a.info.remote())["policy_version"] == version
         rows = ray.get(a.score.remote(PREFIXES, CONTS))
         for i, row in enumerate(rows):
-            torch.testing.assert_close(torch.tensor(row), lp[i, : len(row)], atol=1e-5, rtol=0)
+            torch.testing.assert_close(torch.tensor(row), lp[i, : len(row)], atol=atol, rtol=0)
     return [lp[i, : len(c)].tolist() for i, c in enumerate(CONTS)]
 
 
