@@ -34,12 +34,12 @@ def assert_same_metrics(m_ref: list[dict], m_res: list[dict], keys) -> None:
     """Step by step, the resumed run's metrics equal the uninterrupted run's (keys missing in both skip)."""
     assert [m["step"] for m in m_res] == [m["step"] for m in m_ref]
     for a, b in zip(m_ref, m_res):
+        where = ("before the kill: the two processes did identical work, so this is float "
+                 "nondeterminism, not resume" if a["step"] < KILL_STEP else "after the resume")
         for k in keys:
             if k not in a and k not in b:
                 continue
             rel = 1e-4 if k in KERNEL_KEYS else 1e-5
-            where = ("before the kill: the two processes did identical work, so this is float "
-                     "nondeterminism, not resume" if a["step"] < KILL_STEP else "after the resume")
             assert a[k] == pytest.approx(b[k], rel=rel, abs=1e-6), (a["step"], k, a[k], b[k], where)
 
 
