@@ -14,8 +14,9 @@ import os
 import signal
 import sys
 
-_CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+_CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
 _PR_SET_PDEATHSIG, _PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS, _PR_CAP_AMBIENT = 1, 24, 38, 47
+_REFUSED = 112
 _libc = None
 
 
@@ -31,6 +32,8 @@ def main(job_path):
     rfd = cfg["result_fd"]
     isolation = isolate(cfg)
     os.write(rfd, (to_json(isolation) + "\n").encode())
+    if not isolation["fs"] and not cfg["limits"]["allow_unconfined"]:
+        os._exit(_REFUSED)  # fail closed: the parent reports what is missing
     prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # armed after the uid change, which clears it
     if os.getppid() != cfg["ppid"]:
         os._exit(111)  # the parent died before PDEATHSIG was armed
@@ -128,7 +131,8 @@ def to_json(d):
 
 def isolate(cfg):
     lim = cfg["limits"]
-    iso = {"net": None, "net_error": None, "pid": None, "pid_error": None, "user": "same"}
+    iso = {"net": None, "net_error": None, "pid": None, "pid_error": None, "fs": False, "fs_error": None,
+           "user": "same"}
     root = os.geteuid() == 0
     userns = False
     if not root:  # unprivileged: a user namespace grants the right to create the others
@@ -145,9 +149,40 @@ def isolate(cfg):
             loopback_up()
     err = unshare(_CLONE_NEWPID)
     iso["pid"], iso["pid_error"] = err is None, err
+    # Read what needs the host's /proc before the filesystem view replaces it.
+    extra_procs = 0 if root or (userns and kernel_at_least(5, 14)) else tasks_of_uid(os.getuid())
+    last_cap = last_capability()
+    import resource  # noqa: F401  (loaded now: the view has it too, but this is cheaper)
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _sandbox_fs as fs
+
+    del sys.path[0]  # rewards/ must never shadow the stdlib (rewards/math.py)
+    errors = []
+    if lim["confine"] in ("auto", "namespace"):
+        err = unshare(_CLONE_NEWNS) if root or userns else "no user namespace"
+        try:
+            if err is not None:
+                raise OSError(f"mount namespace: {err}")
+            fs.mount_namespace(cfg["view"], cfg["work"], cfg["newroot"], cfg["uid"] or os.getuid(),
+                               lim["shm_mb"])  # fmt: skip
+            iso["fs"] = "namespace"
+        except OSError as e:
+            errors.append(str(e))
     if root:
-        iso["user"] = drop_root(cfg)
-    set_rlimits(lim, root or (userns and kernel_at_least(5, 14)))
+        iso["user"] = drop_root(cfg, cfg["privs_ns"] if iso["fs"] else cfg["privs"], last_cap)
+    elif userns:
+        drop_caps(last_cap)  # the user namespace's capabilities could undo the read-only mounts
+    set_rlimits(lim, extra_procs)
+    if not iso["fs"] and lim["confine"] in ("auto", "landlock"):
+        try:
+            deny_tcp = not iso["net"] and not lim["network"]
+            iso.update(fs.landlock(cfg["view"], cfg["work"], deny_tcp))
+            iso["fs"] = "landlock"
+        except OSError as e:
+            errors.append(str(e))
+    if not iso["fs"]:
+        iso["fs_error"] = "; ".join(errors) or "filesystem confinement is off (confine: none)"
     return iso
 
 
@@ -192,11 +227,11 @@ def loopback_up():
     os.close(fd)
 
 
-def drop_root(cfg):
+def drop_root(cfg, privs, last_cap):
     """Leave uid 0 for the run's own uid (see rewards.sandbox); returns the mode used."""
     uid = cfg["uid"]
     os.setgroups([])
-    if cfg["privs"] == "unprivileged":
+    if privs == "unprivileged":
         for dirpath, dirnames, filenames in os.walk(cfg["work"]):
             for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
                 os.chown(name, uid, uid)
@@ -205,12 +240,21 @@ def drop_root(cfg):
         prctl(_PR_SET_NO_NEW_PRIVS, 1)
         return "unprivileged"
     os.setresuid(uid, 0, 0)  # RLIMIT_NPROC counts the real uid; it exempts only uid 0 and CAP_SYS_*
+    drop_caps(last_cap)
+    return "capless-root"
+
+
+def last_capability():
     try:
         with open("/proc/sys/kernel/cap_last_cap") as f:
-            last = int(f.read())
+            return int(f.read())
     except (OSError, ValueError):
-        last = 40
-    for cap in range(last + 1):
+        return 40
+
+
+def drop_caps(last_cap):
+    """Drop every capability for good: bounding set, ambient set, then the process's own sets."""
+    for cap in range(last_cap + 1):
         prctl(_PR_CAPBSET_DROP, cap)  # programs it execs cannot regain them
     prctl(_PR_CAP_AMBIENT, 4)  # PR_CAP_AMBIENT_CLEAR_ALL
     prctl(_PR_SET_NO_NEW_PRIVS, 1)
@@ -219,11 +263,10 @@ def drop_root(cfg):
     header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
     data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable (two words each): none
     if libc().capset(header, data) != 0:
-        raise OSError(ctypes.get_errno(), "capset: cannot drop root capabilities")
-    return "capless-root"
+        raise OSError(ctypes.get_errno(), "capset: cannot drop capabilities")
 
 
-def set_rlimits(lim, own_proc_count):
+def set_rlimits(lim, extra_procs):
     import resource
 
     def setl(which, soft, hard=None):
@@ -241,9 +284,8 @@ def set_rlimits(lim, own_proc_count):
     setl(resource.RLIMIT_NOFILE, int(lim["max_open_files"]))
     setl(resource.RLIMIT_CORE, 0)
     # Own uid (root) or own user namespace (Linux >= 5.14 counts per namespace): the count is the
-    # run's alone. Otherwise it includes every process of this user, so add those.
-    procs = int(lim["max_procs"]) + (0 if own_proc_count else tasks_of_uid(os.getuid()))
-    setl(resource.RLIMIT_NPROC, procs)
+    # run's alone. Otherwise it includes every process of this user (extra_procs).
+    setl(resource.RLIMIT_NPROC, int(lim["max_procs"]) + extra_procs)
 
 
 def tasks_of_uid(uid):

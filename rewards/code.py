@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 from rewards.registry import reward
-from rewards.sandbox import SandboxLimits, run_python
+from rewards.sandbox import SandboxLimits, SandboxResult, SandboxUnavailable, refusal_message, run_python
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
 _PYTHON_TAGS = {"python", "py", "python3", "py3"}
@@ -118,7 +118,9 @@ class CodeTests:
         mode: ``"fraction"`` (share of tests passed) or ``"all"`` (1.0 iff every test passes).
         timeout_s: wall limit of one sandboxed run (all assert tests of a completion, or one
             stdin/stdout pair); the CPU limit is the same.
-        memory_mb, max_output_bytes, max_procs, network: the other :class:`SandboxLimits`.
+        memory_mb, max_output_bytes, max_procs, network, confine, allow_unconfined: the other
+            :class:`SandboxLimits`. Where the filesystem cannot be confined every call raises
+            :class:`~rewards.sandbox.SandboxUnavailable`, unless ``allow_unconfined``.
         tests_key, setup_key, inputs_key, outputs_key, io_key: dataset column names.
         max_parallel: sandboxed runs at once (threads waiting on subprocesses); default: CPU count.
         python: interpreter for the code; default: the one running this verifier.
@@ -144,16 +146,21 @@ class CodeTests:
         io_key: str = "input_output",
         max_parallel: int | None = None,
         python: str | None = None,
+        confine: str = "auto",
+        allow_unconfined: bool = False,
     ) -> None:
         if mode not in ("fraction", "all"):
             raise ValueError(f"code_tests: mode must be 'fraction' or 'all', got {mode!r}")
         self.mode = mode
         self.limits = SandboxLimits(wall_s=timeout_s, memory_mb=memory_mb, max_output_bytes=max_output_bytes,
-                                    max_procs=max_procs, network=network)  # fmt: skip
+                                    max_procs=max_procs, network=network, confine=confine,
+                                    allow_unconfined=allow_unconfined)  # fmt: skip
         self.keys = {"tests": tests_key, "setup": setup_key, "inputs": inputs_key, "outputs": outputs_key,
                      "io": io_key}  # fmt: skip
         self.max_parallel = max_parallel or os.cpu_count() or 1
         self.python = python
+
+    uses_sandbox = True  # runs model-written code: the reward manager checks confinement first
 
     def __call__(self, completions: list[str], **columns: Any) -> list[float | None]:
         n = len(completions)
@@ -209,8 +216,8 @@ class CodeTests:
         """Number of assert-style ``tests`` that pass after running ``code`` (one sandboxed run)."""
         nonce = secrets.token_hex(16)
         spec = json.dumps({"code": code, "setup": setup, "tests": list(tests)})
-        result = run_python(_HARNESS, stdin=nonce + "\n", files={"tests.json": spec}, limits=self.limits,
-                            python=self.python)  # fmt: skip
+        result = _checked(run_python(_HARNESS, stdin=nonce + "\n", files={"tests.json": spec},
+                                     limits=self.limits, python=self.python))  # fmt: skip
         passed = set()
         for line in result.stdout.splitlines():
             parts = line.split()
@@ -222,12 +229,18 @@ class CodeTests:
         """Number of (stdin, expected stdout) ``pairs`` the program ``code`` gets right."""
         passed = 0
         for stdin, expected in pairs:
-            result = run_python(code, stdin=stdin, limits=self.limits, python=self.python)
+            result = _checked(run_python(code, stdin=stdin, limits=self.limits, python=self.python))
             if result.ok and normalize_output(result.stdout) == normalize_output(expected):
                 passed += 1
             elif stop_at_failure:
                 break
         return passed
+
+
+def _checked(result: SandboxResult) -> SandboxResult:
+    if result.status == "refused":  # a verdict on the code would be a lie: nothing ran
+        raise SandboxUnavailable(f"code_tests: {refusal_message(result.isolation)}")
+    return result
 
 
 def _as_list(value: Any) -> list[Any]:

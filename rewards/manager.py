@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 from rewards import _pool
 from rewards.registry import absolute_spec, check_exists, completion_text, load_plugins, lookup
-from rewards.sandbox import SandboxLimits
+from rewards.sandbox import SandboxLimits, check_confinement
 
 log = logging.getLogger("rewards")
 SANDBOX_GRACE_S = 5.0
@@ -184,8 +184,12 @@ class RewardManager:
         for spec, target in zip(self.specs, targets):  # fail fast, before any worker starts
             if spec.sandbox:
                 check_exists(target["spec"])  # untrusted: do not import it here
-            else:
-                lookup(target["spec"])
+                check_confinement(self.sandbox_limits, f"verifier {spec.key!r} (sandbox: true)")
+            elif getattr(lookup(target["spec"]), "uses_sandbox", False):  # runs model-written code
+                p = target["params"]
+                check_confinement(SandboxLimits(confine=p.get("confine", "auto"),
+                                                allow_unconfined=p.get("allow_unconfined", False)),
+                                  f"verifier {spec.key!r}")  # fmt: skip
         self._targets = [json.dumps(t, sort_keys=True) for t in targets]
         unique = {key: t for key, t in zip(self._targets, targets)}
         self.totals: dict[str, float] = {"reward/worker_restarts": 0.0, "reward/deadline_exceeded": 0.0}
@@ -218,14 +222,20 @@ class RewardManager:
                 max_output_bytes=sb.max_output_kb * 1024,
                 max_procs=sb.max_procs,
                 network=sb.network,
+                confine=getattr(sb, "confine", "auto"),
+                allow_unconfined=getattr(sb, "allow_unconfined", False),
             )
         return cls(specs, **{**kwargs, **overrides})
 
     def _target(self, spec: VerifierSpec) -> dict[str, Any]:
-        limits = None
+        limits, params = None, dict(spec.params)
         if spec.sandbox:
             limits = dataclasses.asdict(dataclasses.replace(self.sandbox_limits, wall_s=spec.timeout_s))
-        return {"spec": absolute_spec(spec.name), "params": dict(spec.params), "sandbox": limits}
+        elif getattr(lookup(absolute_spec(spec.name)), "uses_sandbox", False):
+            # a verifier that sandboxes code itself (code_tests) follows the mix's confinement setting
+            params.setdefault("confine", self.sandbox_limits.confine)
+            params.setdefault("allow_unconfined", self.sandbox_limits.allow_unconfined)
+        return {"spec": absolute_spec(spec.name), "params": params, "sandbox": limits}
 
     def score(self, completions: Sequence[Any], columns: Mapping[str, Any] | None = None) -> ScoreResult:
         """Score a batch.

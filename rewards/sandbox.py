@@ -34,9 +34,9 @@ import marshal
 import math
 import os
 import pickle
+import select
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -46,12 +46,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from rewards import _sandbox_view as _view
+
 log = logging.getLogger("rewards.sandbox")
 
 SANDBOX_UID_BASE = 1_600_000_000
 """First uid handed to sandboxed runs when the parent is root (none of them is a real user)."""
 _UID_SPAN = 100_000_000
 _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_child.py")
+CONFINE_MODES = ("auto", "namespace", "landlock", "none")
 _uid_counter = itertools.count()
 _warned: set[str] = set()
 _warn_lock = threading.Lock()
@@ -70,6 +73,12 @@ class SandboxLimits:
             interpreter included.
         max_open_files: ``RLIMIT_NOFILE``.
         network: allow network access (skips the network namespace).
+        confine: filesystem confinement: ``auto`` (a mount namespace, else Landlock),
+            ``namespace`` or ``landlock`` (only that mechanism), ``none`` (off: for benchmarks,
+            and only with ``allow_unconfined``).
+        allow_unconfined: run even where the filesystem cannot be confined (the code then sees
+            and may write whatever the trainer's user can). Off: such runs are refused.
+        shm_mb: size of the run's private ``/dev/shm`` (mount-namespace runs).
     """
 
     wall_s: float = 10.0
@@ -79,14 +88,19 @@ class SandboxLimits:
     max_procs: int = 32
     max_open_files: int = 128
     network: bool = False
+    confine: str = "auto"
+    allow_unconfined: bool = False
+    shm_mb: int = 16
 
     def __post_init__(self) -> None:
+        if self.confine not in CONFINE_MODES:
+            raise ValueError(f"SandboxLimits.confine must be one of {CONFINE_MODES}, got {self.confine!r}")
         if not (self.wall_s > 0 and math.isfinite(self.wall_s)):
             raise ValueError(f"SandboxLimits.wall_s must be a positive number, got {self.wall_s}")
         if self.cpu_s is not None and not self.cpu_s > 0:
             raise ValueError(f"SandboxLimits.cpu_s must be > 0 or None, got {self.cpu_s}")
         for name, low in (("memory_mb", 32), ("max_output_bytes", 1024), ("max_procs", 2),
-                          ("max_open_files", 16)):  # fmt: skip
+                          ("max_open_files", 16), ("shm_mb", 1)):  # fmt: skip
             if int(getattr(self, name)) < low:
                 raise ValueError(f"SandboxLimits.{name} must be >= {low}, got {getattr(self, name)}")
 
@@ -96,9 +110,11 @@ class SandboxResult:
     """Outcome of :func:`run_python`.
 
     ``status``: ``ok`` (exit 0), ``error`` (non-zero exit, uncaught exception, killed by a signal),
-    ``timeout`` (wall or CPU limit), ``output_limit`` (stdout/stderr reached the cap) or
-    ``start_failed``. ``isolation`` says what the child got: ``net``/``pid`` (namespaces) and
-    ``user`` (``unprivileged``, ``capless-root`` or ``same``).
+    ``timeout`` (wall or CPU limit), ``output_limit`` (stdout/stderr reached the cap),
+    ``start_failed``, or ``refused`` (the filesystem could not be confined and the limits do not
+    allow unconfined runs: nothing ran). ``isolation`` says what the child got: ``net``/``pid``
+    (namespaces), ``fs`` (``namespace``, ``landlock`` or false) and ``user`` (``unprivileged``,
+    ``capless-root`` or ``same``).
     """
 
     status: str
@@ -119,6 +135,10 @@ class SandboxError(RuntimeError):
 
 class SandboxTimeout(TimeoutError):
     """A sandboxed run hit its wall-clock or CPU limit."""
+
+
+class SandboxUnavailable(RuntimeError):
+    """This machine cannot confine a sandboxed run's filesystem, and unconfined runs are not allowed."""
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -147,7 +167,7 @@ def run_python(
     """
     workfiles = {**(files or {}), "main.py": source}
     job = {"kind": "script", "main": "main.py", "site_paths": _site_paths(python)}
-    result, _ = _execute(job, workfiles, stdin, limits or SandboxLimits(), python, extra_paths=())
+    result, _ = _execute(job, workfiles, stdin, limits or SandboxLimits(), python, view_extra=())
     return result
 
 
@@ -177,7 +197,13 @@ def call_verifier(
     job = {"kind": "verifier", "spec": spec, "params": dict(params or {}), "plugins": list(plugins),
            "sys_path": [p for p in dict.fromkeys(paths) if os.path.isdir(p)]}  # fmt: skip
     payload = pickle.dumps((list(completions), dict(columns)), protocol=pickle.HIGHEST_PROTOCOL)
-    result, line = _execute(job, {}, b"", limits, python, extra_paths=job["sys_path"], payload=payload)
+    # The run sees only the packages it imports: its verifier's module, the plugins, and where a
+    # registered name is defined; not the directories (a project checkout) that hold them.
+    modules = [spec, *plugins, *_view.registered_module_names([spec])]
+    extra = [_view.REWARDS_DIR, *_view.module_roots(modules, job["sys_path"])]
+    result, line = _execute(job, {}, b"", limits, python, view_extra=extra, payload=payload)
+    if result.status == "refused":
+        raise SandboxUnavailable(refusal_message(result.isolation))
     if result.status == "timeout":
         raise SandboxTimeout(f"sandboxed verifier {spec!r} exceeded {limits.wall_s:g}s")
     if result.status != "ok" or line is None:
@@ -214,10 +240,41 @@ class SandboxedVerifier:
                              limits=self.limits, python=self.python)  # fmt: skip
 
 
-def isolation_report(python: str | None = None) -> dict[str, Any]:
-    """What a sandboxed run gets on this machine (namespaces, uid handling), by running one."""
-    r = run_python("pass", python=python)
+def isolation_report(python: str | None = None, confine: str = "auto") -> dict[str, Any]:
+    """What a sandboxed run gets on this machine (namespaces, filesystem, uid), by running one."""
+    r = run_python("pass", python=python, limits=SandboxLimits(confine=confine, allow_unconfined=True))
     return {"status": r.status, **r.isolation, "euid": os.geteuid(), "python": python or sys.executable}
+
+
+def confinement_problem(confine: str = "auto", python: str | None = None) -> str | None:
+    """None when sandboxed runs get a confined filesystem on this machine, else why not (one line).
+    Probed once per process and setting."""
+    iso = _probe(confine, python)
+    return None if iso.get("fs") else refusal_message(iso)
+
+
+def check_confinement(limits: SandboxLimits, what: str) -> None:
+    """Fail closed before any untrusted code runs: raise :class:`SandboxUnavailable` unless this
+    machine confines the filesystem, or ``limits.allow_unconfined`` is set, which warns each call."""
+    problem = confinement_problem(limits.confine)
+    if problem is None:
+        return
+    if not limits.allow_unconfined:
+        raise SandboxUnavailable(f"{what}: {problem}")
+    log.warning("%s runs model-written code UNCONFINED (sandbox.allow_unconfined: true): it can read and "
+                "write whatever this process's user can. %s", what, problem)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=8)
+def _probe(confine: str, python: str | None) -> dict[str, Any]:
+    return isolation_report(python, confine)
+
+
+def refusal_message(iso: Mapping[str, Any]) -> str:
+    """One line: why a run was refused (what the machine lacks) and how to opt out."""
+    return (f"the sandbox cannot confine the filesystem here ({iso.get('fs_error') or 'no isolation report'}); "
+            "it needs root, unprivileged user namespaces (sysctl user.max_user_namespaces > 0) or Landlock "
+            "(Linux >= 5.13). Set sandbox.allow_unconfined: true only if you trust the code")
 
 
 def _execute(
@@ -226,9 +283,10 @@ def _execute(
     stdin: str | bytes,
     limits: SandboxLimits,
     python: str | None,
-    extra_paths: Sequence[str],
+    view_extra: Sequence[str],
     payload: bytes | None = None,
 ) -> tuple[SandboxResult, dict[str, Any] | None]:
+    view = _view.read_only_view(python, view_extra)
     python = python or sys.executable
     root = tempfile.mkdtemp(prefix="rlkit-sandbox-")
     try:
@@ -236,6 +294,7 @@ def _execute(
         work, ctl = os.path.join(root, "work"), os.path.join(root, "ctl")
         os.mkdir(work, 0o700)
         os.mkdir(ctl, 0o700)
+        os.mkdir(os.path.join(root, "fs"), 0o700)  # mount point of the run's new root (its own namespace)
         for name, text in workfiles.items():
             path = os.path.join(work, name)
             if os.path.dirname(os.path.relpath(path, work)).startswith(".."):
@@ -255,8 +314,11 @@ def _execute(
             fin.seek(0)
             cfg = {
                 "job": job, "work": work, "ctl": ctl, "limits": asdict(limits), "uid": uid,
-                "privs": _privilege_plan(python, extra_paths) if uid is not None else "same",
-                "result_fd": fres.fileno(), "ppid": os.getpid(),
+                "privs": _view.privilege_plan(python, view, None) if uid is not None else "same",
+                "privs_ns": _view.privilege_plan(python, view, view) if uid is not None else "same",
+                "view": [("link", p, os.readlink(p)) if os.path.islink(p) and os.path.dirname(p) == os.sep
+                         else ("ro", p, None) for p in view],
+                "newroot": os.path.join(root, "fs"), "result_fd": fres.fileno(), "ppid": os.getpid(),
             }  # fmt: skip
             with open(os.path.join(ctl, "job.marshal"), "wb") as f:
                 marshal.dump(cfg, f)
@@ -271,10 +333,7 @@ def _execute(
                 return SandboxResult("start_failed", None, "", f"cannot start {python}: {exc}", 0.0), None
             finished = False
             try:
-                returncode = proc.wait(timeout=limits.wall_s)
-                finished = True
-            except subprocess.TimeoutExpired:
-                pass
+                finished = _wait_exit(proc, limits.wall_s)
             finally:  # also on KeyboardInterrupt / a caller's deadline: never leave processes behind
                 _kill_tree(proc.pid, uid, thorough=not finished)
                 returncode = proc.wait()
@@ -300,11 +359,37 @@ def _execute(
             status = "error"
         if not isolation and status != "timeout":
             status = "start_failed" if returncode != 0 else status
+        if isolation and not isolation.get("fs") and not limits.allow_unconfined:
+            status = "refused"
         result = SandboxResult(status, returncode, stdout, stderr, wall, isolation)
         found = [d for d in lines[1:] if "rewards" in d]
         return result, (found[-1] if found else None)
     finally:
         _rmtree(root)
+
+
+def _wait_exit(proc: subprocess.Popen, timeout: float) -> bool:
+    """Whether ``proc`` exited within ``timeout`` (it is not reaped). Sleeps on a pidfd, so the
+    parent wakes as the child exits; ``Popen.wait(timeout)`` polls with sleeps of up to 50 ms,
+    which would cost a ~30 ms run as much again."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        try:
+            proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        deadline = time.monotonic() + timeout
+        while not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+            if time.monotonic() >= deadline:
+                return False
+        return True
+    finally:
+        os.close(fd)
 
 
 def _flags(python: str) -> list[str]:
@@ -340,33 +425,6 @@ def _child_env(work: str) -> dict[str, str]:
 
 def _next_uid() -> int:
     return SANDBOX_UID_BASE + (os.getpid() * 65_537 + next(_uid_counter)) % _UID_SPAN
-
-
-def _privilege_plan(python: str, extra_paths: Sequence[str]) -> str:
-    return _privilege_plan_cached(python, tuple(extra_paths))
-
-
-@functools.lru_cache(maxsize=64)
-def _privilege_plan_cached(python: str, extra_paths: tuple[str, ...]) -> str:
-    """``unprivileged`` when an unprivileged uid can run ``python`` (and read ``extra_paths``),
-    else ``capless-root``: change only the real uid (which RLIMIT_NPROC counts) and drop caps."""
-    exe = os.path.realpath(python)
-    prefix = os.path.dirname(os.path.dirname(exe))
-    needed = [exe, os.path.join(prefix, "lib"), _CHILD, *extra_paths]
-    return "unprivileged" if all(_world_readable(p) for p in needed) else "capless-root"
-
-
-def _world_readable(path: str) -> bool:
-    path = os.path.realpath(path)
-    if not os.path.exists(path):
-        return True  # nothing there to be denied
-    parts = path.split(os.sep)
-    for i in range(2, len(parts)):
-        if not os.stat(os.sep.join(parts[:i]) or os.sep).st_mode & stat.S_IXOTH:
-            return False
-    mode = os.stat(path).st_mode
-    need = stat.S_IROTH | (stat.S_IXOTH if stat.S_ISDIR(mode) else 0)
-    return mode & need == need
 
 
 def _kill_tree(pid: int, uid: int | None, thorough: bool) -> None:

@@ -224,6 +224,13 @@ class SandboxConfig(_Section):
     max_output_kb: int = Field(1024, ge=1, description="Cap on stdout/stderr/files of a sandboxed run.")
     max_procs: int = Field(32, ge=2, description="Processes+threads a sandboxed run may hold (fork bombs).")
     network: bool = Field(False, description="Allow network access from sandboxed runs.")
+    confine: Literal["auto", "namespace", "landlock", "none"] = Field(
+        "auto", description="Filesystem confinement of sandboxed runs: a mount namespace, else Landlock (auto); "
+        "none only with allow_unconfined."
+    )
+    allow_unconfined: bool = Field(
+        False, description="Run sandboxed code even where the filesystem cannot be confined (warns every start)."
+    )
 
 
 class RewardConfig(_Section):

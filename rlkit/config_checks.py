@@ -154,10 +154,29 @@ def check_registries(cfg: Config) -> None:
                 + (f"; did you mean '{hint}'?" if hint else "")
                 + f" (registered: {', '.join(known)})"
             )
+    _check_sandbox(cfg, known)
     labels = [v.label or (v.name.rpartition(":")[2] if ":" in v.name else v.name) for v in cfg.reward.verifiers]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
         raise ConfigError(f"reward.verifiers: duplicate metric names {dupes}; give each a distinct 'label'")
+
+
+def _check_sandbox(cfg: Config, known: list[str]) -> None:
+    """Fail closed before training: verifiers that run model-written code need a confined sandbox."""
+    from rewards.registry import list_rewards, lookup
+    from rewards.sandbox import confinement_problem
+
+    sb = cfg.reward.sandbox
+    registered = set(list_rewards())
+    users = [v.label or v.name for v in cfg.reward.verifiers
+             if not (sb.allow_unconfined or v.params.get("allow_unconfined"))
+             and (v.sandbox or (v.name in registered and getattr(lookup(v.name), "uses_sandbox", False)))]  # fmt: skip
+    if sb.confine == "none" and not sb.allow_unconfined:
+        raise ConfigError("reward.sandbox.confine: none turns filesystem confinement off; it needs "
+                          "reward.sandbox.allow_unconfined: true")  # fmt: skip
+    problem = confinement_problem(sb.confine) if users else None
+    if problem:
+        raise ConfigError(f"reward.verifiers: {', '.join(users)} run model-written code in the sandbox, but {problem}")
 
 
 def _check_plugin_params(cfg: Config) -> None:
