@@ -90,6 +90,7 @@ def run_job(cfg, payload, rfd):
     import json
 
     sys.path[:0] = [p for p in job["sys_path"] if p not in sys.path]
+    sys.meta_path.insert(0, RootFinder(job["roots"]))
     from rewards.registry import load_plugins, resolve
 
     load_plugins(job["plugins"])
@@ -102,6 +103,27 @@ def run_job(cfg, payload, rfd):
         raise TypeError(f"verifier returned {type(out).__name__}, expected a list of rewards")
     os.write(rfd, (json.dumps({"rewards": [jsonable(v) for v in out]}) + "\n").encode())
     return 0
+
+
+class RootFinder:
+    """Finds the run's own top-level modules (``rewards``, the verifier's, the plugins') at the
+    paths the parent gave, without listing their parent directory, which the view may hide."""
+
+    def __init__(self, roots):
+        self.roots = roots
+
+    def find_spec(self, name, path=None, target=None):
+        root = self.roots.get(name)
+        if root is None or "." in name:
+            return None
+        import importlib.util
+
+        if os.path.isdir(root):
+            init = os.path.join(root, "__init__.py")
+            if not os.path.exists(init):
+                return None  # a namespace package: leave it to the path finders
+            return importlib.util.spec_from_file_location(name, init, submodule_search_locations=[root])
+        return importlib.util.spec_from_file_location(name, root)
 
 
 def jsonable(value):
@@ -136,9 +158,9 @@ def isolate(cfg):
     root = os.geteuid() == 0
     userns = False
     if not root:  # unprivileged: a user namespace grants the right to create the others
+        uid, gid = os.geteuid(), os.getegid()  # before: inside, they read as the overflow id until mapped
         userns = unshare(_CLONE_NEWUSER) is None
         if userns:
-            uid, gid = os.geteuid(), os.getegid()
             write("/proc/self/setgroups", "deny")
             write("/proc/self/uid_map", f"{uid} {uid} 1")
             write("/proc/self/gid_map", f"{gid} {gid} 1")

@@ -43,16 +43,17 @@ def interpreter_paths(python: str | None) -> list[str]:
     return found
 
 
-def module_roots(names: Iterable[str], search: Sequence[str]) -> list[str]:
-    """Files or package directories of the top-level modules behind ``names``, found on ``search``
-    without importing anything. ``names`` are module names (``pkg.mod``), ``file.py`` paths, or
+def module_roots(names: Iterable[str], search: Sequence[str]) -> dict[str, str]:
+    """Where the modules behind ``names`` live, found on ``search`` without importing anything:
+    ``{top-level module name: package directory or module file}``, and ``{path: path}`` for
+    ``file.py`` paths. ``names`` are module names (``pkg.mod``), ``file.py`` paths, or
     ``target:attr`` verifier specs of either kind; unknown modules are skipped."""
-    roots = []
+    roots = {}
     for name in names:
         target = name.rpartition(":")[0] if ":" in name else name
         if target.endswith(".py") or os.sep in target:
             if os.path.exists(target):
-                roots.append(os.path.abspath(target))
+                roots[os.path.abspath(target)] = os.path.abspath(target)
             continue
         top = target.split(".")[0]
         if not top.isidentifier() or top in sys.builtin_module_names:
@@ -61,9 +62,9 @@ def module_roots(names: Iterable[str], search: Sequence[str]) -> list[str]:
         if spec is None:
             continue
         if spec.submodule_search_locations:
-            roots.extend(spec.submodule_search_locations)
+            roots[top] = list(spec.submodule_search_locations)[0]
         elif spec.origin and os.path.exists(spec.origin):
-            roots.append(spec.origin)
+            roots[top] = spec.origin
     return roots
 
 

@@ -34,8 +34,6 @@ import marshal
 import math
 import os
 import pickle
-import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -46,6 +44,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from rewards import _sandbox_proc as _proc
 from rewards import _sandbox_view as _view
 
 log = logging.getLogger("rewards.sandbox")
@@ -200,7 +199,8 @@ def call_verifier(
     # The run sees only the packages it imports: its verifier's module, the plugins, and where a
     # registered name is defined; not the directories (a project checkout) that hold them.
     modules = [spec, *plugins, *_view.registered_module_names([spec])]
-    extra = [_view.REWARDS_DIR, *_view.module_roots(modules, job["sys_path"])]
+    job["roots"] = {"rewards": _view.REWARDS_DIR, **_view.module_roots(modules, job["sys_path"])}
+    extra = list(job["roots"].values())
     result, line = _execute(job, {}, b"", limits, python, view_extra=extra, payload=payload)
     if result.status == "refused":
         raise SandboxUnavailable(refusal_message(result.isolation))
@@ -242,7 +242,9 @@ class SandboxedVerifier:
 
 def isolation_report(python: str | None = None, confine: str = "auto") -> dict[str, Any]:
     """What a sandboxed run gets on this machine (namespaces, filesystem, uid), by running one."""
-    r = run_python("pass", python=python, limits=SandboxLimits(confine=confine, allow_unconfined=True))
+    job = {"kind": "script", "main": "main.py", "site_paths": []}
+    limits = SandboxLimits(confine=confine, allow_unconfined=True)
+    r, _ = _execute(job, {"main.py": "pass"}, b"", limits, python, view_extra=(), quiet=True)
     return {"status": r.status, **r.isolation, "euid": os.geteuid(), "python": python or sys.executable}
 
 
@@ -285,6 +287,7 @@ def _execute(
     python: str | None,
     view_extra: Sequence[str],
     payload: bytes | None = None,
+    quiet: bool = False,
 ) -> tuple[SandboxResult, dict[str, Any] | None]:
     view = _view.read_only_view(python, view_extra)
     python = python or sys.executable
@@ -333,22 +336,23 @@ def _execute(
                 return SandboxResult("start_failed", None, "", f"cannot start {python}: {exc}", 0.0), None
             finished = False
             try:
-                finished = _wait_exit(proc, limits.wall_s)
+                finished = _proc.wait_exit(proc, limits.wall_s)
             finally:  # also on KeyboardInterrupt / a caller's deadline: never leave processes behind
-                _kill_tree(proc.pid, uid, thorough=not finished)
+                _proc.kill_tree(proc.pid, uid, thorough=not finished)
                 returncode = proc.wait()
             wall = time.monotonic() - t0
             timed_out = not finished
-            stdout, out_full = _read_capped(fout, limits.max_output_bytes)
-            stderr, err_full = _read_capped(ferr, limits.max_output_bytes)
-            lines = [_parse_json(line) for line in _read_capped(fres, 1 << 24)[0].splitlines()]
+            stdout, out_full = _proc.read_capped(fout, limits.max_output_bytes)
+            stderr, err_full = _proc.read_capped(ferr, limits.max_output_bytes)
+            lines = [_proc.parse_json(line) for line in _proc.read_capped(fres, 1 << 24)[0].splitlines()]
         isolation = lines[0] if lines else {}
         exits = [d["exit"] for d in lines[1:] if isinstance(d.get("exit"), int)]
         if exits:
             returncode = exits[-1]  # the program's own status, not its launcher's
-        _warn_missing_isolation(isolation, limits)
+        if not quiet:
+            _warn_missing_isolation(isolation, limits)
         if finished and not isolation.get("pid"):
-            _kill_tree(proc.pid, uid, thorough=True)  # no PID namespace: sweep stray descendants
+            _proc.kill_tree(proc.pid, uid, thorough=True)  # no PID namespace: sweep stray descendants
         if timed_out or (returncode in (-signal.SIGXCPU, -signal.SIGKILL) and _cpu_exhausted(wall, limits)):
             status = "timeout"
         elif out_full or err_full:
@@ -365,31 +369,7 @@ def _execute(
         found = [d for d in lines[1:] if "rewards" in d]
         return result, (found[-1] if found else None)
     finally:
-        _rmtree(root)
-
-
-def _wait_exit(proc: subprocess.Popen, timeout: float) -> bool:
-    """Whether ``proc`` exited within ``timeout`` (it is not reaped). Sleeps on a pidfd, so the
-    parent wakes as the child exits; ``Popen.wait(timeout)`` polls with sleeps of up to 50 ms,
-    which would cost a ~30 ms run as much again."""
-    try:
-        fd = os.pidfd_open(proc.pid)
-    except (AttributeError, OSError):
-        try:
-            proc.wait(timeout=timeout)
-            return True
-        except subprocess.TimeoutExpired:
-            return False
-    try:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        deadline = time.monotonic() + timeout
-        while not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
-            if time.monotonic() >= deadline:
-                return False
-        return True
-    finally:
-        os.close(fd)
+        _proc.rmtree(root)
 
 
 def _flags(python: str) -> list[str]:
@@ -427,61 +407,6 @@ def _next_uid() -> int:
     return SANDBOX_UID_BASE + (os.getpid() * 65_537 + next(_uid_counter)) % _UID_SPAN
 
 
-def _kill_tree(pid: int, uid: int | None, thorough: bool) -> None:
-    """SIGKILL the run's process group and, as root, every process whose real uid is the run's."""
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    if uid is None or not thorough:
-        return
-    for _ in range(100):
-        pids = _pids_of_uid(uid)
-        if not pids:
-            return
-        for p in pids:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        time.sleep(0.002)
-    log.warning("sandbox: processes of uid %d survived SIGKILL", uid)
-
-
-def _pids_of_uid(uid: int) -> list[int]:
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/status") as f:
-                text = f.read()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        if fields.get("State", "").strip().startswith("Z"):
-            continue  # zombies hold no resources; their parent (or init) reaps them
-        uids = fields.get("Uid", "").split()
-        if uids and int(uids[0]) == uid:
-            found.append(int(name))
-    return found
-
-
-def _read_capped(f: Any, cap: int) -> tuple[str, bool]:
-    """Up to ``cap`` bytes of an open file, decoded, and whether it reached the cap."""
-    size = os.fstat(f.fileno()).st_size
-    f.seek(0)
-    return f.read(cap).decode("utf-8", errors="replace"), size >= cap
-
-
-def _parse_json(line: str) -> dict[str, Any]:
-    try:
-        out = json.loads(line)
-    except ValueError:
-        return {}
-    return out if isinstance(out, dict) else {}
-
-
 def _warn_missing_isolation(isolation: dict[str, Any], limits: SandboxLimits) -> None:
     missing = []
     if isolation.get("net") is False and not limits.network:
@@ -501,23 +426,8 @@ def _warn_missing_isolation(isolation: dict[str, Any], limits: SandboxLimits) ->
                     "see docs/verifiers.md#sandbox.", item)  # fmt: skip
 
 
-def _rmtree(root: str) -> None:
-    def _fix(func: Any, path: str, _exc: Any) -> None:
-        try:  # code may have chmod-ed its files read-only; make parents writable and retry
-            os.chmod(os.path.dirname(path), 0o700)
-            if os.path.isdir(path) and not os.path.islink(path):
-                os.chmod(path, 0o700)
-            func(path)
-        except OSError:
-            pass
-
-    for _ in range(3):  # a killed run's last processes may still be writing for a moment
-        shutil.rmtree(root, onerror=_fix)
-        if not os.path.exists(root):
-            return
-        time.sleep(0.01)
-    log.warning("sandbox: could not remove %s", root)
-
-
 if __name__ == "__main__":
-    print(json.dumps(isolation_report(), indent=2))
+    report = isolation_report()
+    report["mechanisms"] = {m: isolation_report(confine=m).get("fs") or confinement_problem(m)
+                            for m in ("namespace", "landlock")}  # fmt: skip
+    print(json.dumps(report, indent=2))

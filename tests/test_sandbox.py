@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -216,4 +217,16 @@ def test_module_cli_prints_the_isolation_report():
 
     out = subprocess.run([sys.executable, "-m", "rewards.sandbox"], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(FIXTURES)))  # fmt: skip
-    assert '"status": "ok"' in out.stdout and '"net"' in out.stdout
+    report = json.loads(out.stdout)
+    assert report["status"] == "ok" and {"net", "pid", "fs", "fs_error", "mechanisms"} <= set(report)
+    assert report["fs"] in ("namespace", "landlock")
+
+
+@pytest.mark.parametrize("confine", ["namespace", "landlock"])
+def test_verifier_by_module_name_imports_without_seeing_its_directory(confine):
+    """A ``module:function`` verifier found on sys.path (here tests/, the way pytest puts it there)
+    is importable in the sandbox although its directory is not part of the view."""
+    limits = SandboxLimits(confine=confine)
+    assert call_verifier("rewards_fixtures:exact", ["1", "2"], {"answer": ["1", "1"]}, limits=limits) == [1.0, 0.0]
+    code = f"import os\nprint(sorted(os.listdir({os.path.dirname(FIXTURES)!r})))"
+    assert run_python(code, limits=limits).status == "error"  # and scripts do not see tests/ at all
