@@ -4,6 +4,7 @@
     .venv/bin/python bench/verifier_throughput.py                    # 1024 math samples, 2 workers
     .venv/bin/python bench/verifier_throughput.py --workers 4 --math-samples 4096 --code-samples 128
     .venv/bin/python bench/verifier_throughput.py --sandboxed-math   # also: math with sandbox: true
+    .venv/bin/python bench/verifier_throughput.py --no-math --confine auto,namespace,landlock,none
 
 Math: GRPO-shaped batches (``--group`` completions per prompt share a gold answer) of synthetic
 completions in the forms models write (``\\boxed{}``, LaTeX fractions, a trailing number, wrong
@@ -11,8 +12,9 @@ answers, no answer). "serial" calls ``rewards.math.math_reward`` on each batch i
 "pool" scores the same batches with ``RewardManager(["math"], mode="process", num_workers=W)``
 (one warm-up batch first for both; best of ``--repeat`` passes). Code: completions of small functions (half correct) scored
 by ``code_tests`` with three assert tests each, and stdin/stdout programs with three cases each
-(one sandboxed interpreter per case). Prints samples/s for each and the ratios, then one JSON
-line with every number. CPU-bound: on a busy machine the numbers drop; run it alone.
+(one sandboxed interpreter per case), once per ``--confine`` mode: ``none`` (no filesystem
+confinement) is the baseline each mode is compared with. Prints samples/s for each and the
+ratios, then one JSON line with every number. CPU-bound: on a busy machine the numbers drop; run it alone.
 """
 
 from __future__ import annotations
@@ -115,24 +117,32 @@ def code_samples(
 
 
 def bench_code(a: argparse.Namespace) -> dict:
+    """code_tests with each filesystem confinement (``auto`` first, the default) and without it
+    (``none``: the same sandbox minus the filesystem view), the arms interleaved over ``repeat``
+    rounds and the best round of each kept, so the ratio compares like with like."""
     funcs, tests, progs, ins, outs = code_samples(a.code_samples)
-    verifier = CodeTests(timeout_s=10.0, max_parallel=a.code_parallel)
-    verifier(funcs[:2], tests=tests[:2])  # warm-up
-    t0 = time.perf_counter()
-    r_assert = verifier(funcs, tests=tests)
-    assert_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    r_io = verifier(progs, inputs=ins, outputs=outs)
-    io_s = time.perf_counter() - t0
     expected = [1.0 if i % 2 == 0 else 0.0 for i in range(a.code_samples)]
-    if r_assert != expected or r_io != expected:
-        raise SystemExit("code_tests rewards are wrong")
+    arms = {c: CodeTests(timeout_s=10.0, max_parallel=a.code_parallel, confine=c, allow_unconfined=c == "none")
+            for c in a.confine}  # fmt: skip
+    best: dict[str, list[float]] = {c: [float("inf")] * 2 for c in arms}
+    for verifier in arms.values():
+        verifier(funcs[:2], tests=tests[:2])  # warm-up
+    for _ in range(a.code_repeat):
+        for c, verifier in arms.items():
+            t0 = time.perf_counter()
+            r_assert = verifier(funcs, tests=tests)
+            t1 = time.perf_counter()
+            r_io = verifier(progs, inputs=ins, outputs=outs)
+            t2 = time.perf_counter()
+            if r_assert != expected or r_io != expected:
+                raise SystemExit(f"code_tests rewards are wrong (confine={c})")
+            best[c] = [min(best[c][0], t1 - t0), min(best[c][1], t2 - t1)]
     n = a.code_samples
-    return {
-        "code_samples": n, "code_parallel": verifier.max_parallel,
-        "code_assert_samples_per_s": n / assert_s, "code_stdio_samples_per_s": n / io_s,
-        "sandbox_runs_per_s": (n + 3 * n) / (assert_s + io_s),
-    }  # fmt: skip
+    out = {"code_samples": n, "code_parallel": next(iter(arms.values())).max_parallel}
+    for c, (assert_s, io_s) in best.items():
+        out[f"code_{c}"] = {"assert_samples_per_s": n / assert_s, "stdio_samples_per_s": n / io_s,
+                            "sandbox_runs_per_s": (n + 3 * n) / (assert_s + io_s)}  # fmt: skip
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -145,24 +155,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--code-parallel", type=int, default=None, help="sandboxed runs at once (default: CPUs)")
     p.add_argument("--sandboxed-math", action="store_true", help="also time math with sandbox: true")
     p.add_argument("--repeat", type=int, default=3, help="math timings: best of this many passes")
+    p.add_argument("--code-repeat", type=int, default=3, help="code timings: best of this many rounds")
+    p.add_argument("--confine", default="auto,none", type=lambda v: v.split(","),
+                   help="code_tests arms: filesystem confinement modes (none = off, the baseline)")
+    p.add_argument("--no-math", action="store_true", help="time code_tests only")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     res = {"cpus": os.cpu_count(), "workers": a.workers, "batch": a.batch, "load_avg_1m": os.getloadavg()[0]}
-    res.update(bench_math(a))
-    print(f"math-verify serial (in trainer):  {res['serial_samples_per_s']:8.1f} samples/s")
-    print(f"math-verify pool ({a.workers} workers):     {res['pool_samples_per_s']:8.1f} samples/s"
-          f"   ({res['pool_vs_serial']:.2f}x serial)")  # fmt: skip
-    if a.sandboxed_math:
-        print(f"math-verify sandboxed pool:       {res['sandboxed_pool_samples_per_s']:8.1f} samples/s"
-              f"   ({res['sandboxed_pool_vs_serial']:.2f}x serial)")  # fmt: skip
+    if not a.no_math:
+        res.update(bench_math(a))
+        print(f"math-verify serial (in trainer):  {res['serial_samples_per_s']:8.1f} samples/s")
+        print(f"math-verify pool ({a.workers} workers):     {res['pool_samples_per_s']:8.1f} samples/s"
+              f"   ({res['pool_vs_serial']:.2f}x serial)")  # fmt: skip
+        if a.sandboxed_math:
+            print(f"math-verify sandboxed pool:       {res['sandboxed_pool_samples_per_s']:8.1f} samples/s"
+                  f"   ({res['sandboxed_pool_vs_serial']:.2f}x serial)")  # fmt: skip
     res.update(bench_code(a))
-    print(f"code_tests, 3 assert tests:       {res['code_assert_samples_per_s']:8.1f} samples/s"
-          f"   ({res['code_assert_samples_per_s'] / res['serial_samples_per_s']:.3f}x math serial)")  # fmt: skip
-    print(f"code_tests, 3 stdin/stdout cases: {res['code_stdio_samples_per_s']:8.1f} samples/s"
-          f"   (sandboxed runs: {res['sandbox_runs_per_s']:.1f}/s)")  # fmt: skip
+    base = res.get("code_none")
+    for c in a.confine:
+        r = res[f"code_{c}"]
+        vs = "" if base is None or c == "none" else (
+            f"   ({r['assert_samples_per_s'] / base['assert_samples_per_s']:.2f}x / "
+            f"{r['stdio_samples_per_s'] / base['stdio_samples_per_s']:.2f}x unconfined)")
+        print(f"code_tests confine={c:<9} 3 asserts: {r['assert_samples_per_s']:6.1f} samples/s, "
+              f"3 stdin/stdout: {r['stdio_samples_per_s']:6.1f} samples/s{vs}")  # fmt: skip
     print(json.dumps(res))
     return 0
 

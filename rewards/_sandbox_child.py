@@ -2,7 +2,9 @@
 
 It imports only cheap built-in modules (every sandboxed run pays for them), reads its job (written
 by the trusted parent with ``marshal``), then: enters new user/network/PID namespaces where it
-can, leaves uid 0, sets the rlimits, and forks twice. The first child is PID 1 of the new PID
+can, confines the filesystem (``_sandbox_fs``: a mount namespace, else Landlock; if neither
+works and unconfined runs are not allowed, it exits without running anything), leaves uid 0 (or
+drops the user namespace's capabilities), sets the rlimits, and forks twice. The first child is PID 1 of the new PID
 namespace, whose exit kills everything left in it; the second runs the program, one level down
 because a namespace's PID 1 ignores its own default-action signals (``SIGXCPU`` from
 ``RLIMIT_CPU``, a program's ``os.kill(os.getpid(), SIGTERM)``). Status goes back to the parent

@@ -8,20 +8,24 @@ working directory that is deleted afterwards, and these limits, enforced by the 
   also caps stdout/stderr: they are files, so output beyond the cap fails with ``EFBIG``),
   open files, no core dumps;
 - processes (``RLIMIT_NPROC``) against fork bombs. The kernel exempts uid 0 from this limit, so as
-  root each run gets its own unused uid (``SANDBOX_UID_BASE + n``): fully unprivileged when an
-  unprivileged user can read the interpreter and its library, otherwise (e.g. a pyenv python under
-  a 0700 ``/root``) only the *real* uid changes and every capability is dropped, so the code keeps
-  uid-0 file access but cannot exceed the process limit nor regain privileges;
+  root each run gets its own unused uid (``SANDBOX_UID_BASE + n``): fully unprivileged when that
+  uid can read what the run sees (always, with the mount namespace below, unless an installation
+  itself is unreadable), otherwise only the *real* uid changes and every capability is dropped;
 - no network: a new network namespace (``unshare(CLONE_NEWNET)``, with a user namespace when not
   root) holding only a loopback interface; a new PID namespace so that the run cannot signal
-  outside processes and dies as a whole. Where namespaces are unavailable (old kernels, containers
-  without ``CAP_SYS_ADMIN`` and with unprivileged user namespaces disabled) the run still happens,
-  and a one-time warning says what is missing.
+  outside processes and dies as a whole. Where these namespaces are unavailable the run still
+  happens, and a one-time warning says what is missing;
+- a confined filesystem: the run sees, read-only, only the interpreter's installation, the system
+  libraries and what a verifier imports, and writes only its scratch directory
+  (``rewards/_sandbox_view.py`` says what is in the view, ``rewards/_sandbox_fs.py`` enforces it
+  with a mount namespace or Landlock). This one fails closed: where neither mechanism works, runs
+  are refused (``status: "refused"``, :class:`SandboxUnavailable`) unless
+  ``SandboxLimits.allow_unconfined``.
 
 The child side is ``rewards/_sandbox_child.py``, run by path under ``-I`` (so ``rewards/math.py``
 can never shadow the stdlib) and importing only cheap built-in modules: a run costs about 40 ms
-of CPU on top of what the program itself imports. ``python -m rewards.sandbox`` prints what
-isolation this machine provides.
+of CPU on top of what the program itself imports (the filesystem view adds about 1 ms).
+``python -m rewards.sandbox`` prints what isolation this machine provides.
 """
 
 from __future__ import annotations
