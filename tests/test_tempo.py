@@ -33,7 +33,8 @@ def _token(ids, mask, k: int, t: int, pad_aware: bool):
 
 
 def reference_loop(R, ids, mask, index, eps=1e-6, norm_std=True, pad_aware=True):
-    """The pseudo-code of spec §1.4, line by line (contiguous masks)."""
+    """The pseudo-code of spec §1.4, line by line (contiguous masks); rows without a valid token
+    count in the group's mean and std but are not part of the tree."""
     B, L = len(ids), len(ids[0])
     A = [[0.0] * L for _ in range(B)]
     groups = defaultdict(list)
@@ -42,7 +43,7 @@ def reference_loop(R, ids, mask, index, eps=1e-6, norm_std=True, pad_aware=True)
     for i in range(B):
         g = groups[index[i]]
         mu, sd = _group_mu_sd(R, g)
-        prev = list(g)
+        prev = [k for k in g if any(mask[k])]  # a row without tokens has no prefix (not in the tree)
         for t in range(L):
             if mask[i][t] == 0:
                 break
@@ -69,7 +70,7 @@ def reference_formula(R, ids, mask, index, eps=1e-6, norm_std=True, pad_aware=Tr
             if mask[i][t] == 0:
                 continue
             key = [_token(ids, mask, i, u, pad_aware) for u in range(t + 1)]
-            P = [k for k in g if [_token(ids, mask, k, u, pad_aware) for u in range(t)] == key[:t]]
+            P = [k for k in g if any(mask[k]) and [_token(ids, mask, k, u, pad_aware) for u in range(t)] == key[:t]]
             C = [k for k in P if _token(ids, mask, k, t, pad_aware) == key[t]]
             delta = _mean([R[k] for k in C]) - _mean([R[k] for k in P])
             A[i][t] = (R[i] - mu + delta) / (sd + eps) if norm_std else (R[i] - mu + delta)
@@ -323,3 +324,26 @@ def test_outcome_tensor_aliasing_an_input_is_not_modified() -> None:
     before = inp.response_mask_BT.clone()
     _tempo(inp)
     torch.testing.assert_close(inp.response_mask_BT, before, atol=0, rtol=0)
+
+
+def test_row_without_tokens_is_not_a_branch_at_token_zero() -> None:
+    """A row with no valid token (a truncated sample masked by ``overlong_filter``, a sibling context
+    row of segments) has no prefix: it must not "diverge" at token 0 from every real response.
+    G = 8, one such row, 4 of the other 7 correct. Before the fix every real response, wrong ones
+    included, got (4/7 - 4/8) / std = +0.134 on its first token, although all 7 start with token 5."""
+    ids = [[5, 6, 7, 8], [5, 6, 7, 9], [5, 6, 3, 1], [5, 6, 3, 2], [5, 2, 2, 2], [5, 2, 1, 1], [5, 4, 4, 4],
+           [5, 6, 7, 8]]  # fmt: skip
+    mask = [[1] * 4] * 7 + [[0] * 4]
+    R = [1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    got = _tempo(_inputs(ids, mask, R, [0] * 8))
+    grpo = ADVANTAGES.get("grpo").fn(_inputs(ids, mask, R, [0] * 8), ADVANTAGES.build_params("grpo"))
+    torch.testing.assert_close(got[:7, 0], grpo[:7, 0], atol=1e-12, rtol=0)  # no TD at token 0
+    # Exactly: GRPO over all 8 rewards, plus the TD of the tree of the 7 real responses, over the 8-row std.
+    real = _inputs(ids[:7], mask[:7], R[:7], [0] * 7)
+    td7 = _tempo(real, norm_by_std=False) - (torch.tensor(R[:7], dtype=torch.float64) - 4 / 7)[:, None]
+    sd8 = torch.tensor(R, dtype=torch.float64).std()
+    torch.testing.assert_close(got[:7], grpo[:7] + td7 / (sd8 + 1e-6), atol=1e-9, rtol=0)
+    assert (got[7] == 0).all()
+    # singleton handling follows the real group: a real response alone with context rows is no singleton
+    alone = _tempo(_inputs([[5, 6], [0, 0]], [[1, 1], [0, 0]], [1.0, 0.0], [0, 0]), singleton="zero")
+    assert alone[0, 0] != 0

@@ -24,6 +24,10 @@ Departures from the reference code, each an option of :class:`TEMPOParams`:
   (the reference yields NaN); "zero" gives such responses advantage 0 instead.
 - Non-contiguous masks (multi-turn ``loss_mask``): every valid token gets the §1.3 value; the
   reference loop stops at the first masked position. Identical for ordinary response masks.
+- Rows without a valid token (a truncated sample whose loss ``overlong_filter`` masked, the
+  all-masked sibling context rows of segment rollouts) count in the group's mean and std but are
+  left out of the tree. In the tree they would differ from every real response at token 0 (their
+  first position is padding), so every response, wrong ones included, got a spurious TD term there.
 """
 
 from __future__ import annotations
@@ -323,13 +327,19 @@ def tempo_advantage(inp: AdvantageInputs, p: TEMPOParams) -> Tensor:
     B, T = mask_BT.shape
 
     outcome_BT = ADVANTAGES.get(p.outcome).fn(inp, _outcome_params(p))
-    tree = build_prefix_tree(ids_BT, mask_BT, inp.group_ids_B, pad_aware=p.pad_aware)
+    # A row without a valid token (a truncated sample under overlong_filter, a segments sibling
+    # context row) has no prefix to share: it stays in its group's statistics, but not in the tree,
+    # where the pad-aware comparison would make it "diverge" at token 0 from every real response.
+    index_B, G = group_index(inp.group_ids_B.cpu())
+    has_tokens_B = (mask_BT != 0).any(1)
+    tree_ids_B = torch.where(has_tokens_B, index_B, G + torch.arange(B))
+    tree = build_prefix_tree(ids_BT, mask_BT, tree_ids_B, pad_aware=p.pad_aware)
     rows, cols, delta = tree.branch_events(rewards_B)
     on_valid = mask_BT[rows, cols] != 0  # drop events in the padding of a shorter response
     rows, cols, delta = rows[on_valid], cols[on_valid], delta[on_valid]
 
-    singleton_B = tree.size_B == 1  # a lone response has no branch events: its TD term is 0
-    stats = group_stats(rewards_B.to(torch.float64).cpu(), tree.index_B)  # dense ids: same groups
+    stats = group_stats(rewards_B.to(torch.float64).cpu(), index_B)
+    singleton_B = stats.count_G[index_B] == 1  # a lone response: no baseline and no branch events
     td_E = delta
     if p.norm_by_std:
         std_B = torch.where(singleton_B, torch.ones(B, dtype=torch.float64), stats.std_G[stats.index_B])
