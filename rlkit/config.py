@@ -163,6 +163,10 @@ class KLConfig(_Section):
 class DynamicSamplingConfig(_Section):
     enabled: bool = False
     max_gen_batches: int = Field(3, ge=0, description="Generation rounds per step; 0 = unlimited.")
+    on: Literal["accuracy", "reward"] = Field(
+        "accuracy", description="Drop groups whose correctness (accuracy verifier, DAPO) or final shaped reward "
+        "is all equal."
+    )
 
 
 class OverlongShapingConfig(_Section):

@@ -117,11 +117,22 @@ def overlong_shaping(groups: list[Group], cfg: Config) -> None:
             )
 
 
-def keep_informative(groups: list[Group]) -> list[Group]:
-    """DAPO dynamic sampling: keep groups whose rewards are not all equal (spec §7.1)."""
+def keep_informative(groups: list[Group], acc_key: str | None = None, on: str = "accuracy") -> list[Group]:
+    """DAPO dynamic sampling: keep groups whose scores are not all equal (spec §7.1).
+
+    ``on="accuracy"`` (DAPO's filter): the score is correctness, the ``acc_key`` verifier's value
+    ``>= 1``, so a group in which every sample is wrong (or every one right) is dropped even when a
+    length shaper or a format bonus makes its rewards differ: its advantages would train on length
+    or format alone. ``on="reward"``: the final shaped reward (the looser filter). Groups without
+    the ``acc_key`` verifier fall back to the reward.
+    """
     if not groups:
         return []
-    rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float64)
+    if on == "accuracy" and acc_key and all(acc_key in g.per_verifier for g in groups):
+        scores = [1.0 if v >= 1.0 else 0.0 for g in groups for v in g.per_verifier[acc_key]]
+    else:
+        scores = [r for g in groups for r in g.rewards]
+    rewards = torch.tensor(scores, dtype=torch.float64)
     gids = torch.tensor([i for i, g in enumerate(groups) for _ in g.rewards])
     keep = dynamic_sampling_keep_B(rewards, gids)
     return [g for i, g in enumerate(groups) if bool(keep[gids == i].all())]
@@ -289,7 +300,7 @@ def collect(step: int, cfg: Config, engines, cursor, rows, encode, manager, trac
         if not ds.enabled:
             kept = groups
             break
-        kept += keep_informative(groups)
+        kept += keep_informative(groups, acc_key, ds.on)
         if len(kept) >= t.prompts_per_step:
             break
         if ds.max_gen_batches and rounds >= ds.max_gen_batches:

@@ -128,7 +128,8 @@ class SegmentRollout:
         m["time/reward_s"] = time.perf_counter() - t0
         if cfg.segments.group_mode == "siblings":
             self.sched.record_rewards(batch.samples, [r for g in groups for r in g.rewards])
-        kept = X.keep_informative(groups) if cfg.algorithm.dynamic_sampling.enabled else groups
+        ds = cfg.algorithm.dynamic_sampling
+        kept = X.keep_informative(groups, acc_key, ds.on) if ds.enabled else groups
         m["rollout/kept_groups"] = float(len(kept))
         self._log(step, batch, groups, kept)
         return kept, groups, m

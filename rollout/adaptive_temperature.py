@@ -1,11 +1,17 @@
 """HAPO adaptive-temperature sampling as a ``rollout.sampling`` logits processor (spec §3.2).
 
-At every decode step, for each row: ``H`` = entropy of the *un-tempered* logits,
+At every decode step, for each row: ``H`` = entropy of the logits at the row's request
+temperature ``T`` (``logits / T``, the scale on which the learner measured its statistics),
 ``ĥ = clamp(norm(log max(H, 1e-6)), -1, 1)`` with the previous training step's statistics
 ``(m, s, scale_pos, scale_neg)`` (``rlkit.algorithms.hapo.hapo_sampling_stats``), and the row is
 sampled at ``T' = T·(1 + τ ĥ)`` (release: patched vLLM ``Sampler.sample``). ``T`` is the row's
 request temperature, not the previous step's ``T'``, so the adaptation never compounds. The
 engine records behaviour log-probs under ``T'`` (processors run before temperature).
+
+Departure: the release computes ``H`` from the un-tempered logits, which matches its
+statistics only at ``T = 1`` (every HAPO recipe of the paper); at ``T != 1`` the two sides would
+compare entropies on different scales (at ``T = 0.5`` nearly every token reads as high-entropy).
+rlkit measures both at ``T``; at ``T = 1`` this is the release exactly.
 
 Rows with ``T == 0`` stay greedy. ``stats=None`` (the first training step) is a no-op. This module
 must not import ``rlkit``: ``stats`` is any 4-sequence of floats (``EntropyStats`` is a NamedTuple).
@@ -50,12 +56,14 @@ def adapted_temperature(
     tau: float = 0.05,
     eps: float = SAMPLING_EPS,
 ) -> torch.Tensor:
-    """``T' = T·(1 + τ ĥ)`` per row from the un-tempered logits; ``T`` unchanged where ``T == 0``
-    or ``stats is None``. (B, V), (B,) -> (B,) float32."""
+    """``T' = T·(1 + τ ĥ)`` per row, ĥ from the entropy of ``logits / T`` (the scale of the
+    learner's statistics); ``T`` unchanged where ``T == 0`` or ``stats is None``.
+    (B, V), (B,) -> (B,) float32."""
     temperature_B = temperature_B.float()
     if stats is None:
         return temperature_B
-    h_hat_B = normalized_entropy(logits_entropy(logits_BV), stats, eps)
+    scale_B = temperature_B.to(logits_BV.device).clamp_min(eps)[:, None]  # greedy rows: any finite scale
+    h_hat_B = normalized_entropy(logits_entropy(logits_BV.float() / scale_B), stats, eps)
     return torch.where(temperature_B > 0, temperature_B * (1.0 + tau * h_hat_B), temperature_B)
 
 

@@ -126,6 +126,9 @@ def test_method_recipes_share_the_quickstart_setup(name):
     q = load_config(ROOT / "recipes/quickstart.yaml").model_dump()
     r = load_config(ROOT / f"recipes/{name}.yaml").model_dump()
     for key in ("seed", "learner", "train"):
+        if name == "hapo" and key == "train":  # HAPO's clip needs several updates per step
+            assert {**r[key], "mini_batches": 1} == q[key] and r[key]["mini_batches"] == 4
+            continue
         assert r[key] == q[key], key
     assert {k: v for k, v in r["model"].items() if not k.startswith("budget_guidance")} == \
         {k: v for k, v in q["model"].items() if not k.startswith("budget_guidance")}

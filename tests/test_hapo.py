@@ -141,9 +141,27 @@ def test_temperature_row_worked_example_b(release: bool) -> None:
     logits = torch.randn(5, 11, generator=torch.Generator().manual_seed(0)) * 3
     temps = torch.tensor([1.0, 0.0, 0.7, 1.0, 0.5])
     out = adapted_temperature(logits, temps, st, tau=0.05)
-    ref = temps * (1 + 0.05 * normalized_entropy(logits_entropy(logits), st))
+    tempered = logits / temps.clamp_min(1e-6)[:, None]  # each row's entropy at its own temperature T
+    ref = temps * (1 + 0.05 * normalized_entropy(logits_entropy(tempered), st))
     assert torch.allclose(out, ref) and out[1] == 0.0
     assert torch.equal(adapted_temperature(logits, temps, None), temps)
+
+
+def test_sampler_reads_entropy_on_the_learners_scale_at_t_below_one() -> None:
+    """The learner's statistics come from its entropies of ``logits / T`` (the policy it trains);
+    the sampler must measure a token's entropy at the same T, or at the quickstart's T = 0.5 most
+    tokens read as high-entropy and the temperature rises almost everywhere. Here 200 decode steps
+    whose learner-side entropies set the statistics (pivot 0.8): the sampler must raise T on the
+    same ~20% that the learner calls high-entropy (before the fix: 100%)."""
+    logits = torch.randn(200, 64, generator=torch.Generator().manual_seed(0)) * 2
+    T = 0.5
+    learner_H = logits_entropy(logits / T)  # what the learner computes for these tokens at T
+    st = hapo_sampling_stats(learner_H, pivot=0.8)
+    h_learner = compute_entropy_h(learner_H[None], torch.ones(1, 200), 0.8)[0][0]
+    new_T = adapted_temperature(logits, torch.full((200,), T), st, tau=0.05)
+    assert torch.equal(new_T > T, h_learner > 0)
+    assert float((new_T > T).float().mean()) == pytest.approx(0.2, abs=0.01)
+    torch.testing.assert_close(new_T, T * (1 + 0.05 * normalized_entropy(learner_H, st)))
 
 
 def test_normalized_entropy_clamps_and_logits_entropy() -> None:

@@ -160,3 +160,27 @@ def test_loss_mask_config_errors():
         load_config(None, ["algorithm.loss_mask={mask_mastered_positiv: {}}"])
     with pytest.raises(ConfigError, match="tua"):
         load_config(None, ["algorithm.loss_mask={mask_mastered_positive: {tua: 0.5}}"])
+
+
+@pytest.mark.parametrize("old_logprobs", ["auto", "rollout"])
+def test_hapo_sampling_statistics_come_from_the_pre_update_policy(tiny_model_dir, old_logprobs):
+    """With several updates per step, the adaptive-temperature statistics must describe the policy
+    that sampled the batch (before any update), not a mix of passes taken between updates."""
+    from rlkit.algorithms import hapo_sampling_stats
+    from rlkit.learner.torch_learner import response_logprobs
+
+    _, comps, batch = _rollout(tiny_model_dir)
+    batch.advantages_BT = torch.randn(batch.response_mask_BT.shape, generator=torch.Generator().manual_seed(1))
+    learner = _learner(tiny_model_dir, "learner.lr=5e-2", "learner.micro_batch_size=2", "train.mini_batches=3",
+                       "train.prompts_per_step=3", "train.samples_per_prompt=2",
+                       f"algorithm.old_logprobs={old_logprobs}")
+    with torch.no_grad():
+        _, ent = response_logprobs(learner.model, batch, with_entropy=True)
+    rows = list(range(len(batch)))
+    if old_logprobs == "rollout":  # no pre-update pass: the first update's rows, before any step
+        from rlkit.learner.torch_learner import update_schedule
+
+        rows = update_schedule(len(batch), learner.train_cfg, 0)[0][1]
+    expected = [float(x) for x in hapo_sampling_stats(ent[rows][batch.response_mask_BT[rows] > 0], pivot=0.8)]
+    learner.train_step(batch)
+    assert learner.entropy_stats(0.8) == pytest.approx(expected, rel=1e-5, abs=1e-6)

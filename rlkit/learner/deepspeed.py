@@ -244,19 +244,24 @@ class DeepSpeedLearner:
 
     # ------------------------------------------------------------------ forward-only passes
     @torch.no_grad()
-    def compute_logprobs(self, batch: TrainBatch, *, reference: bool = False) -> Tensor:
+    def compute_logprobs(self, batch: TrainBatch, *, reference: bool = False,
+                         entropy_out: list[Tensor] | None = None) -> Tensor:
         """Log-probs of the responses under the current (or reference = adapter disabled) policy:
-        float [B, T], the same on every rank (collective)."""
+        float [B, T], the same on every rank (collective). ``entropy_out``: append this rank's
+        response-token entropies (same pass) to this list."""
         if reference and not self.lora:
             raise ValueError("the deepspeed learner has a reference policy only under LoRA (adapter disabled)")
         T = batch.response_mask_BT.shape[1]
         out = torch.zeros_like(batch.response_mask_BT)
         for idx in self._slots(batch, range(len(batch))):
             mb = _to_device(batch.select(idx if idx is not None else [0]), self.device)
+            with_entropy = entropy_out is not None and not reference
             with self.module.disable_adapter() if reference else nullcontext():
-                lp, _ = response_logprobs(self.engine, mb, with_entropy=False, share_prompt=self.share_prompt)
+                lp, ent = response_logprobs(self.engine, mb, with_entropy=with_entropy, share_prompt=self.share_prompt)
             if idx is not None:
                 out[idx] = pad_to(lp.float().cpu(), T)
+                if with_entropy:
+                    entropy_out.append(ent[mb.response_mask_BT > 0].float().cpu())
         self._release_gathered()
         if self.world_size > 1:  # rows are disjoint across ranks: a sum assembles the batch
             import torch.distributed as dist
@@ -275,13 +280,15 @@ class DeepSpeedLearner:
         """PPO epochs over mini-batches on every rank; returns the global metrics (``actor/``)."""
         t0 = time.perf_counter()
         self.engine.train()
-        on_policy = prepare_logprobs(batch, self.algo, self.train_cfg, self.compute_logprobs)
+        self._entropies = []
+        on_policy = prepare_logprobs(batch, self.algo, self.train_cfg, self.compute_logprobs, self._entropies)
         norm_length = float(self.algo.norm_length or batch.response_mask_BT.shape[1])
         sums: dict[str, float] = {}
         schedule = update_schedule(len(batch), self.train_cfg, int(self.scheduler.last_epoch))
-        self._entropies = []
-        for epoch, rows in schedule:
-            for k, v in self._update(batch, rows, norm_length, on_policy, collect_entropy=epoch == 0).items():
+        pre_update_pass = bool(self._entropies)  # statistics of the policy before any update (see TorchLearner)
+        for i, (_, rows) in enumerate(schedule):
+            for k, v in self._update(batch, rows, norm_length, on_policy,
+                                     collect_entropy=i == 0 and not pre_update_pass).items():  # fmt: skip
                 sums[k] = sums.get(k, 0.0) + v
         self.scheduler.step()
         metrics = {k: v / len(schedule) for k, v in sums.items()}

@@ -129,18 +129,20 @@ def update_schedule(batch_size: int, train_cfg: TrainConfig, step: int) -> list[
     return out
 
 
-def prepare_logprobs(batch: TrainBatch, algo: AlgorithmConfig, train_cfg: TrainConfig, compute_logprobs) -> bool:
+def prepare_logprobs(batch: TrainBatch, algo: AlgorithmConfig, train_cfg: TrainConfig, compute_logprobs,
+                     entropy_out: list[Tensor] | None = None) -> bool:
     """Fill ``batch.old_logprobs_BT`` / ``ref_logprobs_BT`` as the config asks; return ``on_policy``.
 
     On-policy (one update per batch, ``old_logprobs: auto``) the ratio denominator is the current
-    log-probs, detached, so no extra forward pass runs. ``compute_logprobs(batch, reference=...)``
-    is the learner's forward-only pass.
+    log-probs, detached, so no extra forward pass runs. ``compute_logprobs(batch, reference=...,
+    entropy_out=...)`` is the learner's forward-only pass; the pre-update recompute of the old
+    log-probs also appends its response-token entropies to ``entropy_out``.
     """
     on_policy = algo.old_logprobs == "auto" and train_cfg.ppo_epochs * train_cfg.mini_batches == 1
     if algo.old_logprobs == "rollout":
         batch.old_logprobs_BT = batch.rollout_logprobs_BT
     elif not on_policy:
-        batch.old_logprobs_BT = compute_logprobs(batch)
+        batch.old_logprobs_BT = compute_logprobs(batch, entropy_out=entropy_out)
     if algo.kl.beta > 0:
         batch.ref_logprobs_BT = compute_logprobs(batch, reference=True)
     return on_policy
@@ -258,10 +260,13 @@ class TorchLearner:
 
     # ------------------------------------------------------------------ forward-only passes
     @torch.no_grad()
-    def compute_logprobs(self, batch: TrainBatch, *, reference: bool = False) -> Tensor:
-        """Log-probs of the responses under the current (or reference) policy: float [B, T]."""
+    def compute_logprobs(self, batch: TrainBatch, *, reference: bool = False,
+                         entropy_out: list[Tensor] | None = None) -> Tensor:
+        """Log-probs of the responses under the current (or reference) policy: float [B, T].
+        ``entropy_out``: append the response tokens' entropies (same pass) to this list."""
         T = batch.response_mask_BT.shape[1]
         out = torch.zeros_like(batch.response_mask_BT)
+        with_entropy = entropy_out is not None
         for idx in self._micro_batches(batch, range(len(batch))):
             mb = batch.select(idx)
             if reference and self.lora:
@@ -269,7 +274,9 @@ class TorchLearner:
                     lp, _ = response_logprobs(self.model, mb, with_entropy=False, share_prompt=self.share_prompt)
             else:
                 model = self.ref_model if reference else self.model
-                lp, _ = response_logprobs(model, mb, with_entropy=False, share_prompt=self.share_prompt)
+                lp, ent = response_logprobs(model, mb, with_entropy=with_entropy, share_prompt=self.share_prompt)
+                if with_entropy:
+                    entropy_out.append(ent[mb.response_mask_BT > 0])
             out[idx] = pad_to(lp, T)
         return out * batch.response_mask_BT
 
@@ -282,13 +289,15 @@ class TorchLearner:
         """PPO epochs over mini-batches; returns averaged metrics (namespaced ``actor/``)."""
         t0 = time.perf_counter()
         self.model.train()
-        on_policy = prepare_logprobs(batch, self.algo, self.train_cfg, self.compute_logprobs)
+        self._entropies = []
+        on_policy = prepare_logprobs(batch, self.algo, self.train_cfg, self.compute_logprobs, self._entropies)
         norm_length = float(self.algo.norm_length or batch.response_mask_BT.shape[1])
         sums: dict[str, float] = {}
         schedule = update_schedule(len(batch), self.train_cfg, int(self.scheduler.last_epoch))
-        self._entropies = []
-        for epoch, rows in schedule:
-            for k, v in self._update(batch, rows, norm_length, on_policy, collect_entropy=epoch == 0).items():
+        pre_update_pass = bool(self._entropies)
+        for i, (_, rows) in enumerate(schedule):
+            for k, v in self._update(batch, rows, norm_length, on_policy,
+                                     collect_entropy=i == 0 and not pre_update_pass).items():  # fmt: skip
                 sums[k] = sums.get(k, 0.0) + v
         n_updates = len(schedule)
         self.scheduler.step()
@@ -321,10 +330,11 @@ class TorchLearner:
         return acc
 
     def entropy_stats(self, pivot: float, replicate_release_sign: bool = False) -> list[float] | None:
-        """HAPO sampling statistics (spec §3.1) of the last train step's per-token policy entropies.
-
-        The entropies come from the first epoch's forward passes (no extra pass); ``None`` if none.
-        """
+        """HAPO sampling statistics (spec §3.1) of the last train step's per-token policy entropies,
+        all from the policy before the step's first update (the one that sampled the batch): the
+        old-log-prob recompute pass when there is one, else the first update's forward passes
+        (all rows on-policy; the first mini-batch with ``old_logprobs: rollout`` and several
+        updates). No extra forward pass; ``None`` if there are no entropies."""
         from rlkit.algorithms.hapo import hapo_sampling_stats
 
         ents = self._entropies
