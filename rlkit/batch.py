@@ -24,6 +24,7 @@ class TrainBatch:
     ref_logprobs_BT: Tensor | None = None  # frozen reference (KL)
     rollout_logprobs_BT: Tensor | None = None  # behaviour logprobs reported by the engine
     temperature: float = 1.0
+    correct_B: Tensor | None = None  # bool [B]: the accuracy verifier scored the sample correct (>= 1)
 
     @property
     def response_ids_BT(self) -> Tensor:
@@ -46,7 +47,8 @@ class TrainBatch:
             v = getattr(self, f.name)
             if isinstance(v, Tensor):
                 v = v[idx]
-                v = v[:, left : P + T] if f.name.endswith("_BS") else v[:, :T]
+                if v.dim() == 2:
+                    v = v[:, left : P + T] if f.name.endswith("_BS") else v[:, :T]
             out[f.name] = v
         out["prompt_width"] = P - left
         return TrainBatch(**out)

@@ -167,9 +167,10 @@ def apply_length_shaping(groups: list[Group], cfg: Config, shaping, step: int, a
 
 
 def make_batch(
-    groups: list[Group], cfg: Config, pad_id: int, extras: dict[str, Any] | None = None
+    groups: list[Group], cfg: Config, pad_id: int, extras: dict[str, Any] | None = None, acc_key: str | None = None
 ) -> tuple[TrainBatch, torch.Tensor, dict[str, Any]]:
-    """Pack groups into a TrainBatch with advantages.
+    """Pack groups into a TrainBatch with advantages (and ``correct_B`` from the ``acc_key``
+    verifier, when every group has it: loss masks such as DMMPT act on correct samples).
 
     ``extras`` (e.g. SPAE probe values) reach the advantage estimator; returns
     ``(batch, rewards_B, extras)`` where the estimator may have added ``metrics`` and ``token_maps``.
@@ -186,6 +187,8 @@ def make_batch(
     batch = build_batch(prompts, responses, pad_id=pad_id, rollout_logprobs=lps,
                         temperature=cfg.engine.temperature or 1.0)
     rewards_B = torch.tensor(rewards, dtype=torch.float32)
+    if acc_key and groups and all(acc_key in g.per_verifier for g in groups):
+        batch.correct_B = torch.tensor([v >= 1.0 for g in groups for v in g.per_verifier[acc_key]])
     if cfg.algorithm.overlong_filter:
         batch.response_mask_BT = overlong_filter_mask(batch.response_mask_BT, torch.tensor(trunc))
     a = cfg.algorithm

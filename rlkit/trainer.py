@@ -212,7 +212,7 @@ class Trainer:
         train_groups, extras = self._advantage_extras(step, groups, m) if groups else (groups, {})
         m.update(X.rollout_metrics(all_groups, self.acc_key))
         if groups:
-            batch, _, extras = X.make_batch(train_groups, cfg, self.tokenizer.pad_token_id, extras)
+            batch, _, extras = X.make_batch(train_groups, cfg, self.tokenizer.pad_token_id, extras, self.acc_key)
             m.update({k: float(v) for k, v in extras.get("metrics", {}).items()})
             self._dump_inspect(step, groups, batch, extras)
             # colocated on GPUs: the engines give their memory to the learner while it trains

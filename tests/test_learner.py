@@ -184,3 +184,33 @@ def test_hapo_sampling_statistics_come_from_the_pre_update_policy(tiny_model_dir
     expected = [float(x) for x in hapo_sampling_stats(ent[rows][batch.response_mask_BT[rows] > 0], pivot=0.8)]
     learner.train_step(batch)
     assert learner.entropy_stats(0.8) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_dmmpt_positives_are_correct_samples_not_positive_advantages(tiny_model_dir):
+    """A wrong sample can carry a positive advantage (a format bonus or a length shaper lifted it
+    above its group's mean); DMMPT must not mask it: positives are the samples the accuracy
+    verifier scored correct (``correct_B``, set by make_batch)."""
+    from rlkit.config import load_config as load
+    from rlkit.experience import Group, make_batch
+    from rollout.engine import Completion
+
+    _, comps, _ = _rollout(tiny_model_dir)
+    # one prompt group of 6: only sample 0 correct; samples 1-2 wrong but formatted (0.1), 3-5 wrong,
+    # unformatted and long (a length penalty: -0.5)
+    groups = [Group(row={}, prompt_ids=comps[0].prompt_ids,
+                    completions=[Completion(comps[0].prompt_ids, c.token_ids, c.logprobs, "stop") for c in comps],
+                    rewards=[1.1, 0.1, 0.1, -0.5, -0.5, -0.5],
+                    per_verifier={"math": [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]})]  # fmt: skip
+    cfg = load(None, [f"model.name={tiny_model_dir}", "train.samples_per_prompt=6", "train.prompts_per_step=1"])
+    batch, _, _ = make_batch(groups, cfg, pad_id=0, acc_key="math")
+    assert batch.correct_B.tolist() == [True, False, False, False, False, False]
+    adv_mean = (batch.advantages_BT * batch.response_mask_BT).sum(1) / batch.response_mask_BT.sum(1)
+    assert (adv_mean[:3] > 0).all()  # the two wrong-but-formatted samples have positive advantages
+    learner = _learner(tiny_model_dir, "algorithm.old_logprobs=rollout")
+    learner.algo = learner.algo.model_copy(update={"loss_mask": {"mask_mastered_positive": {"tau": 1e-9,
+                                                                                           "sigma": 1e9}}})
+    learner.optimizer.step = lambda: None
+    m = learner.train_step(batch)
+    # tau ~ 0 and an open gate mask every token of the positives: exactly sample 0's tokens
+    share0 = float(batch.response_mask_BT[0].sum() / batch.response_mask_BT.sum())
+    assert m["actor/dmmpt/masked_frac"] == pytest.approx(share0)

@@ -22,9 +22,11 @@ Choices the paper leaves open [INFERRED, exposed as parameters]:
 - ``entropy_scope="sample"`` (Eq. 10, default) gates per sample on its own mean token entropy;
   ``"batch"`` gates every sample on the token-mean entropy of the batch. Under micro-batching,
   pass the mini-batch value as ``batch_mean_entropy`` so the gate does not depend on sharding.
-- Inside the learner rewards are not available; a sample counts as positive when its mean
-  advantage over valid tokens is > 0 (with {0, 1} rewards and GRPO that is exactly ``r = 1`` for
-  every sample whose tokens carry gradient). Pass ``positive_B`` to use rewards instead.
+- Positive = correct: the trainer passes ``positive_B`` from the accuracy verifier (the batch's
+  ``correct_B``), so a wrong sample whose advantage is positive (a format bonus or a length
+  shaper lifted it above its group's mean) is never masked. Only without that signal does a
+  sample count as positive when its mean advantage over valid tokens is > 0 (exactly ``r = 1``
+  with {0, 1} rewards and GRPO).
 - ``p >= tau`` (the PDF loses the glyph; ``>=`` vs ``>`` is immaterial, spec §5.3).
 """
 

@@ -191,7 +191,7 @@ def micro_batch_loss(
     )
     loss_BT, lm = loss_fn(inp, loss_params)
     if algo.loss_mask:  # e.g. DMMPT; aggregation keeps the full mask as its denominator
-        loss_BT, mm = apply_loss_masks(loss_BT, inp, algo.loss_mask)
+        loss_BT, mm = apply_loss_masks(loss_BT, inp, algo.loss_mask, positive_B=mb.correct_B)
         lm = {**lm, **mm}
     pg = aggregate(loss_BT, mask, algo.loss_agg, **agg)
     loss = pg
