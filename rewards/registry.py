@@ -349,6 +349,15 @@ def _entry_points() -> list[Any]:
         return []
 
 
+def entry_point_target(name: str) -> str | None:
+    """``module:attr`` that the entry point ``name`` of the ``rlkit.rewards`` group points to,
+    without importing it (a sandboxed run imports the module itself); None if there is none."""
+    for ep in _entry_points():
+        if ep.name == name:
+            return ep.value
+    return None
+
+
 def _entry_point(name: str) -> Any:
     for ep in _entry_points():
         if ep.name == name:

@@ -190,10 +190,12 @@ def call_verifier(
     other failure. Inputs travel to the child pickled (parent -> child only); rewards come back as
     JSON, so nothing the child writes is unpickled here.
     """
-    from rewards.registry import absolute_spec
+    from rewards.registry import _REGISTRY, absolute_spec, entry_point_target
 
     limits = limits or SandboxLimits()
     spec = absolute_spec(spec)  # the child runs in its own temporary directory
+    if ":" not in spec and spec not in _REGISTRY:  # an entry point: hand the child its module:attr,
+        spec = entry_point_target(spec) or spec  # which the view can hold (not the whole sys.path)
     plugins = [os.path.abspath(p) if p.endswith(".py") or os.sep in p else p for p in plugins]
     # The child imports what this process can: its sys.path ('' is the cwd) and this package's root.
     paths = [os.path.abspath(p or os.curdir) for p in [*sys.path, os.path.dirname(os.path.dirname(_CHILD))]]

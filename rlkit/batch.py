@@ -25,6 +25,7 @@ class TrainBatch:
     rollout_logprobs_BT: Tensor | None = None  # behaviour logprobs reported by the engine
     temperature: float = 1.0
     correct_B: Tensor | None = None  # bool [B]: the accuracy verifier scored the sample correct (>= 1)
+    old_entropy_BT: Tensor | None = None  # token entropies under the pre-update policy (learner-filled)
 
     @property
     def response_ids_BT(self) -> Tensor:

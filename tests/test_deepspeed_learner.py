@@ -175,6 +175,35 @@ def test_two_ranks_equal_the_torch_learner(tiny_model_dir, ray_session, tmp_path
 
 
 @pytest.mark.slow
+def test_batch_entropy_gate_and_pre_update_statistics_on_two_ranks(tiny_model_dir, ray_session):
+    """DMMPT ``entropy_scope: batch`` and HAPO's statistics read the pre-update pass, which each rank
+    runs on its own rows and all-reduces: two ranks must gate and report like one torch learner.
+    sigma sits below the batch mean, so the gate is closed; a rank that saw only its own rows'
+    entropies (the others' zero: about half the mean) would open the gate and mask tokens."""
+    from rlkit.learner.torch_learner import response_logprobs
+    from rlkit.orchestration.ray_actors import spawn_deepspeed_learner
+
+    _, _, batch = _batch(tiny_model_dir)
+    mask = batch.response_mask_BT
+    probe = _torch_learner(tiny_model_dir, _cfg(tiny_model_dir))
+    with torch.no_grad():
+        _, ent = response_logprobs(probe.model, batch, with_entropy=True)
+    sigma = 0.9 * float((ent * mask).sum() / mask.sum())
+    cfg = _cfg(tiny_model_dir, "train.mini_batches=2", "train.prompts_per_step=3", "train.samples_per_prompt=2",
+               f"algorithm.loss_mask={{dmmpt: {{tau: 1.0e-9, sigma: {sigma}, entropy_scope: batch}}}}")
+    group = spawn_deepspeed_learner(cfg, tiny_model_dir, threads=1)
+    try:
+        ref = _torch_learner(tiny_model_dir, cfg)
+        m_torch = ref.train_step(copy.deepcopy(batch))
+        m_ds = _get(group.train_step.remote(copy.deepcopy(batch)))
+        assert m_torch["actor/dmmpt/masked_frac"] == 0.0 and m_ds["actor/dmmpt/masked_frac"] == 0.0
+        assert m_ds["actor/pg_loss"] == pytest.approx(m_torch["actor/pg_loss"], rel=1e-4, abs=1e-6)
+        assert _get(group.entropy_stats.remote(0.8)) == pytest.approx(ref.entropy_stats(0.8), rel=1e-5)
+    finally:
+        group.shutdown()
+
+
+@pytest.mark.slow
 def test_lora_zero3_syncs_only_the_adapter(tiny_model_dir, ray_session, tmp_path):
     from rlkit.orchestration.ray_actors import spawn_deepspeed_learner, sync_weights
 

@@ -214,3 +214,33 @@ def test_dmmpt_positives_are_correct_samples_not_positive_advantages(tiny_model_
     # tau ~ 0 and an open gate mask every token of the positives: exactly sample 0's tokens
     share0 = float(batch.response_mask_BT[0].sum() / batch.response_mask_BT.sum())
     assert m["actor/dmmpt/masked_frac"] == pytest.approx(share0)
+
+
+def test_dmmpt_batch_entropy_gate_does_not_depend_on_micro_batching(tiny_model_dir):
+    """``entropy_scope: batch`` gates on the mini-batch's mean entropy (from the pre-update pass),
+    not each micro-batch's: with sigma just above the batch mean, micro-batches of single rows used
+    to close the gate for rows above it, so the update changed with learner.micro_batch_size."""
+    from rlkit.learner.torch_learner import response_logprobs
+
+    _, comps, batch = _rollout(tiny_model_dir)
+    mask = batch.response_mask_BT
+    batch.advantages_BT = torch.ones_like(mask)
+    batch.correct_B = torch.ones(len(batch), dtype=torch.bool)
+    learner = _learner(tiny_model_dir)
+    with torch.no_grad():
+        _, ent = response_logprobs(learner.model, batch, with_entropy=True)
+    row_mean = (ent * mask).sum(1) / mask.sum(1)
+    batch_mean = float((ent * mask).sum() / mask.sum())
+    sigma = batch_mean + 1e-4
+    assert (row_mean > sigma).any() and (row_mean < sigma).any()  # micro-batch gates would disagree
+    tau = float(batch.rollout_logprobs_BT[mask > 0].exp().median())  # mask about half the tokens
+    grads, fracs = [], []
+    for mbs in (1, 2, 6):
+        learner = _learner(tiny_model_dir, f"learner.micro_batch_size={mbs}", "algorithm.old_logprobs=rollout",
+                           f"algorithm.loss_mask={{dmmpt: {{tau: {tau}, sigma: {sigma}, entropy_scope: batch}}}}")
+        learner.optimizer.step = lambda: None
+        fracs.append(learner.train_step(batch)["actor/dmmpt/masked_frac"])
+        grads.append(torch.cat([p.grad.flatten() for p in learner.model.parameters() if p.grad is not None]))
+    assert 0.3 < fracs[0] < 0.7 and fracs == pytest.approx([fracs[0]] * 3)
+    for other in grads[1:]:
+        torch.testing.assert_close(other, grads[0], atol=1e-6, rtol=1e-4)

@@ -42,9 +42,11 @@ from rlkit.batch import TrainBatch, pad_to
 from rlkit.config import AlgorithmConfig, DeepSpeedConfig, LearnerConfig, ModelConfig, TrainConfig
 from rlkit.learner.torch_learner import (
     aggregation_counts,
+    batch_mean_entropy,
     lr_lambda,
     micro_batch_loss,
     plan_micro_batches,
+    pre_update_entropies,
     prepare_logprobs,
     response_logprobs,
     update_schedule,
@@ -245,10 +247,10 @@ class DeepSpeedLearner:
     # ------------------------------------------------------------------ forward-only passes
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch, *, reference: bool = False,
-                         entropy_out: list[Tensor] | None = None) -> Tensor:
+                         entropy_out: Tensor | None = None) -> Tensor:
         """Log-probs of the responses under the current (or reference = adapter disabled) policy:
-        float [B, T], the same on every rank (collective). ``entropy_out``: append this rank's
-        response-token entropies (same pass) to this list."""
+        float [B, T], the same on every rank (collective). ``entropy_out`` [B, T]: filled with the
+        tokens' entropies from the same pass (also the same on every rank)."""
         if reference and not self.lora:
             raise ValueError("the deepspeed learner has a reference policy only under LoRA (adapter disabled)")
         T = batch.response_mask_BT.shape[1]
@@ -261,12 +263,14 @@ class DeepSpeedLearner:
             if idx is not None:
                 out[idx] = pad_to(lp.float().cpu(), T)
                 if with_entropy:
-                    entropy_out.append(ent[mb.response_mask_BT > 0].float().cpu())
+                    entropy_out[idx] = pad_to((ent * mb.response_mask_BT).float().cpu(), T)
         self._release_gathered()
         if self.world_size > 1:  # rows are disjoint across ranks: a sum assembles the batch
             import torch.distributed as dist
 
             dist.all_reduce(out, group=self._cpu_group)
+            if entropy_out is not None and not reference:
+                dist.all_reduce(entropy_out, group=self._cpu_group)
         return out * batch.response_mask_BT
 
     def _release_gathered(self) -> None:
@@ -280,15 +284,15 @@ class DeepSpeedLearner:
         """PPO epochs over mini-batches on every rank; returns the global metrics (``actor/``)."""
         t0 = time.perf_counter()
         self.engine.train()
-        self._entropies = []
-        on_policy = prepare_logprobs(batch, self.algo, self.train_cfg, self.compute_logprobs, self._entropies)
+        on_policy = prepare_logprobs(batch, self.algo, self.train_cfg, self.compute_logprobs)
+        # every rank holds the whole pre-update pass: rank 0's copy stands for all in entropy_stats
+        self._entropies = pre_update_entropies(batch) if self.rank == 0 else []
         norm_length = float(self.algo.norm_length or batch.response_mask_BT.shape[1])
         sums: dict[str, float] = {}
         schedule = update_schedule(len(batch), self.train_cfg, int(self.scheduler.last_epoch))
-        pre_update_pass = bool(self._entropies)  # statistics of the policy before any update (see TorchLearner)
         for i, (_, rows) in enumerate(schedule):
             for k, v in self._update(batch, rows, norm_length, on_policy,
-                                     collect_entropy=i == 0 and not pre_update_pass).items():  # fmt: skip
+                                     collect_entropy=i == 0 and batch.old_entropy_BT is None).items():  # fmt: skip
                 sums[k] = sums.get(k, 0.0) + v
         self.scheduler.step()
         metrics = {k: v / len(schedule) for k, v in sums.items()}
@@ -301,12 +305,14 @@ class DeepSpeedLearner:
         """Forward/backward of this rank's share of mini-batch ``rows``; returns the GLOBAL metric
         sums (all ranks). Gradients are left reduced/partitioned in the engine, not applied."""
         agg = aggregation_counts(batch, rows, norm_length)
+        mean_entropy = batch_mean_entropy(batch, rows)
         acc: dict[str, float] = {}
         for idx in self._slots(batch, rows):
             weight = 0.0 if idx is None else 1.0
             mb = _to_device(batch.select(idx if idx is not None else rows[:1]), self.device)
             out = micro_batch_loss(self.engine, mb, self.loss_entry.fn, self.loss_params, self.algo, agg,
-                                   on_policy=on_policy, share_prompt=self.share_prompt)
+                                   on_policy=on_policy, share_prompt=self.share_prompt,
+                                   batch_mean_entropy=mean_entropy)  # fmt: skip
             # ZeRO averages gradients over ranks; the loss is already a share of the global mean
             self.engine.backward(out.loss * (self.world_size * weight), scale_wrt_gas=False)
             if idx is not None:

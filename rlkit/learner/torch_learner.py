@@ -15,7 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlkit.algorithms import POLICY_LOSSES, PolicyLossInputs, aggregate, apply_loss_masks, kl_penalty
+from rlkit.algorithms import (
+    LOSS_MASKS,
+    POLICY_LOSSES,
+    PolicyLossInputs,
+    aggregate,
+    apply_loss_masks,
+    kl_penalty,
+)
 from rlkit.batch import TrainBatch, pad_to
 from rlkit.config import AlgorithmConfig, LearnerConfig, ModelConfig, TrainConfig
 from rollout.hf_cache import cache_kwargs, output_cache
@@ -129,23 +136,50 @@ def update_schedule(batch_size: int, train_cfg: TrainConfig, step: int) -> list[
     return out
 
 
-def prepare_logprobs(batch: TrainBatch, algo: AlgorithmConfig, train_cfg: TrainConfig, compute_logprobs,
-                     entropy_out: list[Tensor] | None = None) -> bool:
+def prepare_logprobs(batch: TrainBatch, algo: AlgorithmConfig, train_cfg: TrainConfig, compute_logprobs) -> bool:
     """Fill ``batch.old_logprobs_BT`` / ``ref_logprobs_BT`` as the config asks; return ``on_policy``.
 
     On-policy (one update per batch, ``old_logprobs: auto``) the ratio denominator is the current
     log-probs, detached, so no extra forward pass runs. ``compute_logprobs(batch, reference=...,
-    entropy_out=...)`` is the learner's forward-only pass; the pre-update recompute of the old
-    log-probs also appends its response-token entropies to ``entropy_out``.
+    entropy_out=...)`` is the learner's forward-only pass. The pre-update pass (the old-log-prob
+    recompute, or one for the entropies alone when a loss mask gates on the mini-batch's entropy)
+    also fills ``batch.old_entropy_BT``: statistics that must not depend on how the mini-batch is
+    split into micro-batches or ranks come from it.
     """
     on_policy = algo.old_logprobs == "auto" and train_cfg.ppo_epochs * train_cfg.mini_batches == 1
+    entropy_BT = torch.zeros_like(batch.response_mask_BT)
     if algo.old_logprobs == "rollout":
         batch.old_logprobs_BT = batch.rollout_logprobs_BT
     elif not on_policy:
-        batch.old_logprobs_BT = compute_logprobs(batch, entropy_out=entropy_out)
+        batch.old_logprobs_BT = compute_logprobs(batch, entropy_out=entropy_BT)
+        batch.old_entropy_BT = entropy_BT
+    if batch.old_entropy_BT is None and needs_batch_entropy(algo):
+        compute_logprobs(batch, entropy_out=entropy_BT)
+        batch.old_entropy_BT = entropy_BT
     if algo.kl.beta > 0:
         batch.ref_logprobs_BT = compute_logprobs(batch, reference=True)
     return on_policy
+
+
+def needs_batch_entropy(algo: AlgorithmConfig) -> bool:
+    """A configured loss mask gates on the mini-batch's mean entropy (DMMPT ``entropy_scope: batch``)."""
+    return any(getattr(LOSS_MASKS.build_params(name, kw), "entropy_scope", None) == "batch"
+               for name, kw in (algo.loss_mask or {}).items())  # fmt: skip
+
+
+def batch_mean_entropy(batch: TrainBatch, rows: list[int]) -> float | None:
+    """Token-mean pre-update entropy of mini-batch ``rows`` (None without the pre-update pass)."""
+    if batch.old_entropy_BT is None:
+        return None
+    mask = batch.response_mask_BT[rows]
+    return float((batch.old_entropy_BT[rows] * mask).sum() / mask.sum().clamp(min=1.0))
+
+
+def pre_update_entropies(batch: TrainBatch) -> list[Tensor]:
+    """Response-token entropies of the pre-update pass, or [] when there was none."""
+    if batch.old_entropy_BT is None:
+        return []
+    return [batch.old_entropy_BT[batch.response_mask_BT > 0]]
 
 
 def aggregation_counts(batch: TrainBatch, rows: list[int], norm_length: float) -> dict[str, float]:
@@ -175,6 +209,7 @@ def micro_batch_loss(
     *,
     on_policy: bool,
     share_prompt: bool,
+    batch_mean_entropy: float | None = None,
 ) -> MicroBatchLoss:
     """Policy loss (+ KL) of one micro-batch, aggregated with the mini-batch counts ``agg``.
 
@@ -191,7 +226,8 @@ def micro_batch_loss(
     )
     loss_BT, lm = loss_fn(inp, loss_params)
     if algo.loss_mask:  # e.g. DMMPT; aggregation keeps the full mask as its denominator
-        loss_BT, mm = apply_loss_masks(loss_BT, inp, algo.loss_mask, positive_B=mb.correct_B)
+        loss_BT, mm = apply_loss_masks(loss_BT, inp, algo.loss_mask, positive_B=mb.correct_B,
+                                       batch_mean_entropy=batch_mean_entropy)  # fmt: skip
         lm = {**lm, **mm}
     pg = aggregate(loss_BT, mask, algo.loss_agg, **agg)
     loss = pg
@@ -261,9 +297,9 @@ class TorchLearner:
     # ------------------------------------------------------------------ forward-only passes
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch, *, reference: bool = False,
-                         entropy_out: list[Tensor] | None = None) -> Tensor:
+                         entropy_out: Tensor | None = None) -> Tensor:
         """Log-probs of the responses under the current (or reference) policy: float [B, T].
-        ``entropy_out``: append the response tokens' entropies (same pass) to this list."""
+        ``entropy_out`` [B, T]: filled with the tokens' entropies from the same pass."""
         T = batch.response_mask_BT.shape[1]
         out = torch.zeros_like(batch.response_mask_BT)
         with_entropy = entropy_out is not None
@@ -276,7 +312,7 @@ class TorchLearner:
                 model = self.ref_model if reference else self.model
                 lp, ent = response_logprobs(model, mb, with_entropy=with_entropy, share_prompt=self.share_prompt)
                 if with_entropy:
-                    entropy_out.append(ent[mb.response_mask_BT > 0])
+                    entropy_out[idx] = pad_to(ent * mb.response_mask_BT, T)
             out[idx] = pad_to(lp, T)
         return out * batch.response_mask_BT
 
@@ -289,15 +325,14 @@ class TorchLearner:
         """PPO epochs over mini-batches; returns averaged metrics (namespaced ``actor/``)."""
         t0 = time.perf_counter()
         self.model.train()
-        self._entropies = []
-        on_policy = prepare_logprobs(batch, self.algo, self.train_cfg, self.compute_logprobs, self._entropies)
+        on_policy = prepare_logprobs(batch, self.algo, self.train_cfg, self.compute_logprobs)
+        self._entropies = pre_update_entropies(batch)
         norm_length = float(self.algo.norm_length or batch.response_mask_BT.shape[1])
         sums: dict[str, float] = {}
         schedule = update_schedule(len(batch), self.train_cfg, int(self.scheduler.last_epoch))
-        pre_update_pass = bool(self._entropies)
         for i, (_, rows) in enumerate(schedule):
             for k, v in self._update(batch, rows, norm_length, on_policy,
-                                     collect_entropy=i == 0 and not pre_update_pass).items():  # fmt: skip
+                                     collect_entropy=i == 0 and batch.old_entropy_BT is None).items():  # fmt: skip
                 sums[k] = sums.get(k, 0.0) + v
         n_updates = len(schedule)
         self.scheduler.step()
@@ -311,10 +346,12 @@ class TorchLearner:
         agg = aggregation_counts(batch, rows, norm_length)
         self.optimizer.zero_grad(set_to_none=True)
         acc: dict[str, float] = {}
+        mean_entropy = batch_mean_entropy(batch, rows)
         for idx in self._micro_batches(batch, rows):
             mb = batch.select(idx)
             out = micro_batch_loss(self.model, mb, self.loss_entry.fn, self.loss_params, self.algo, agg,
-                                   on_policy=on_policy, share_prompt=self.share_prompt)
+                                   on_policy=on_policy, share_prompt=self.share_prompt,
+                                   batch_mean_entropy=mean_entropy)  # fmt: skip
             out.loss.backward()
             if collect_entropy:
                 self._entropies.append(out.entropy_tokens)
