@@ -75,6 +75,7 @@ class Trainer:
         # an advantage's params may adapt the training rollout's sampling (BRPO: the thinking)
         self.rollout_params = getattr(self.adv_params, "rollout_params", None)
         self.sampler_stats: list[float] | None = None  # HAPO adaptive temperature, from the last step
+        self.policy_version = 0  # step of the engines' weights: the last step that updated and synced
 
         from rlkit.orchestration.ray_actors import init_ray, spawn_actors
 
@@ -128,6 +129,7 @@ class Trainer:
         if "length_shaping" in ts:
             self.shaping.load_state_dict(ts["length_shaping"])
         self.sampler_stats = ts.get("sampler_stats")
+        self.policy_version = int(ts.get("policy_version", state["step"]))  # a skipped update keeps the old one
         if self.segments is not None:
             self.segments.load_state_dict(ts.get("segments"))
         return int(state["step"])
@@ -143,6 +145,7 @@ class Trainer:
             scheduler_state=st["scheduler_state"], keep_last=self.cfg.checkpoint.keep_last,
             trainer_state={"cursor": self.cursor.state_dict(), "rng": capture_rng_state(), "step": step,
                            "length_shaping": self.shaping.state_dict(), "sampler_stats": self.sampler_stats,
+                           "policy_version": self.policy_version,
                            "segments": self.segments.state_dict() if self.segments is not None else None},
         )
 
@@ -160,7 +163,7 @@ class Trainer:
         if self.segments is not None:
             self.segments.open_log(start)
         if start:
-            sync_weights(self.learner, self.engines, start)
+            sync_weights(self.learner, self.engines, self.policy_version)
         tr = cfg.tracking
         summary: dict[str, Any] = {"run_dir": str(self.run_dir), "resumed_from": start}
         with Tracker(self.run_dir, total_steps=cfg.train.steps, start_step=start + 1,
@@ -226,6 +229,7 @@ class Trainer:
             if at.enabled:
                 self.sampler_stats = ray.get(self.learner.entropy_stats.remote(at.pivot, at.replicate_release_sign))
             m["time/sync_s"] = sync_weights(self.learner, self.engines, step)
+            self.policy_version = step
         else:
             tracker.print(f"step {step}: no informative group; update skipped")
         m.update(self.engines.metrics())  # cluster/actor_restarts: engines recreated after dying
