@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import os
 import socket
-import time
 from contextlib import nullcontext
 from dataclasses import fields, replace
 from datetime import timedelta
@@ -46,10 +45,9 @@ from rlkit.learner.torch_learner import (
     lr_lambda,
     micro_batch_loss,
     plan_micro_batches,
-    pre_update_entropies,
     prepare_logprobs,
     response_logprobs,
-    update_schedule,
+    run_train_step,
 )
 from rollout.engine import bucket_indices  # noqa: F401  (re-exported: weight-sync buckets)
 from rollout.weight_transfer import DistributedInitError, rendezvous_store
@@ -249,28 +247,25 @@ class DeepSpeedLearner:
     def compute_logprobs(self, batch: TrainBatch, *, reference: bool = False,
                          entropy_out: Tensor | None = None) -> Tensor:
         """Log-probs of the responses under the current (or reference = adapter disabled) policy:
-        float [B, T], the same on every rank (collective). ``entropy_out`` [B, T]: filled with the
-        tokens' entropies from the same pass (also the same on every rank)."""
+        float [B, T], the same on every rank (collective); so is ``entropy_out`` [B, T], if given."""
         if reference and not self.lora:
             raise ValueError("the deepspeed learner has a reference policy only under LoRA (adapter disabled)")
         T = batch.response_mask_BT.shape[1]
         out = torch.zeros_like(batch.response_mask_BT)
+        parts = [out] if entropy_out is None or reference else [out, entropy_out]
         for idx in self._slots(batch, range(len(batch))):
             mb = _to_device(batch.select(idx if idx is not None else [0]), self.device)
-            with_entropy = entropy_out is not None and not reference
             with self.module.disable_adapter() if reference else nullcontext():
-                lp, ent = response_logprobs(self.engine, mb, with_entropy=with_entropy, share_prompt=self.share_prompt)
-            if idx is not None:
-                out[idx] = pad_to(lp.float().cpu(), T)
-                if with_entropy:
-                    entropy_out[idx] = pad_to((ent * mb.response_mask_BT).float().cpu(), T)
+                lp, ent = response_logprobs(self.engine, mb, with_entropy=len(parts) > 1, share_prompt=self.share_prompt)
+            for part, value in zip(parts, (lp, None if ent is None else ent * mb.response_mask_BT)):
+                if idx is not None:
+                    part[idx] = pad_to(value.float().cpu(), T)
         self._release_gathered()
         if self.world_size > 1:  # rows are disjoint across ranks: a sum assembles the batch
             import torch.distributed as dist
 
-            dist.all_reduce(out, group=self._cpu_group)
-            if entropy_out is not None and not reference:
-                dist.all_reduce(entropy_out, group=self._cpu_group)
+            for part in parts:
+                dist.all_reduce(part, group=self._cpu_group)
         return out * batch.response_mask_BT
 
     def _release_gathered(self) -> None:
@@ -282,23 +277,8 @@ class DeepSpeedLearner:
     # ------------------------------------------------------------------ update
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """PPO epochs over mini-batches on every rank; returns the global metrics (``actor/``)."""
-        t0 = time.perf_counter()
         self.engine.train()
-        on_policy = prepare_logprobs(batch, self.algo, self.train_cfg, self.compute_logprobs)
-        # every rank holds the whole pre-update pass: rank 0's copy stands for all in entropy_stats
-        self._entropies = pre_update_entropies(batch) if self.rank == 0 else []
-        norm_length = float(self.algo.norm_length or batch.response_mask_BT.shape[1])
-        sums: dict[str, float] = {}
-        schedule = update_schedule(len(batch), self.train_cfg, int(self.scheduler.last_epoch))
-        for i, (_, rows) in enumerate(schedule):
-            for k, v in self._update(batch, rows, norm_length, on_policy,
-                                     collect_entropy=i == 0 and batch.old_entropy_BT is None).items():  # fmt: skip
-                sums[k] = sums.get(k, 0.0) + v
-        self.scheduler.step()
-        metrics = {k: v / len(schedule) for k, v in sums.items()}
-        metrics["actor/lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics["time/train_s"] = time.perf_counter() - t0
-        return metrics
+        return run_train_step(self, batch, keep_entropies=self.rank == 0)  # every rank holds the whole pass
 
     def _backward(self, batch: TrainBatch, rows: list[int], norm_length: float, on_policy: bool,
                   collect_entropy: bool = False) -> dict[str, float]:

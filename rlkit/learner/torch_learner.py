@@ -182,6 +182,28 @@ def pre_update_entropies(batch: TrainBatch) -> list[Tensor]:
     return [batch.old_entropy_BT[batch.response_mask_BT > 0]]
 
 
+def run_train_step(learner: Any, batch: TrainBatch, keep_entropies: bool = True) -> dict[str, float]:
+    """One train step, shared by both learners (only their ``_update`` differs): old/ref log-probs,
+    then the PPO epochs over mini-batches; returns the metrics averaged over updates.
+    ``keep_entropies``: keep the pre-update pass's entropies for ``entropy_stats`` (one rank)."""
+    t0 = time.perf_counter()
+    on_policy = prepare_logprobs(batch, learner.algo, learner.train_cfg, learner.compute_logprobs)
+    learner._entropies = pre_update_entropies(batch) if keep_entropies else []
+    norm_length = float(learner.algo.norm_length or batch.response_mask_BT.shape[1])
+    sums: dict[str, float] = {}
+    schedule = update_schedule(len(batch), learner.train_cfg, int(learner.scheduler.last_epoch))
+    for i, (_, rows) in enumerate(schedule):
+        # without a pre-update pass, the first update's forward passes give the entropy statistics
+        collect = i == 0 and batch.old_entropy_BT is None
+        for k, v in learner._update(batch, rows, norm_length, on_policy, collect_entropy=collect).items():
+            sums[k] = sums.get(k, 0.0) + v
+    learner.scheduler.step()
+    metrics = {k: v / len(schedule) for k, v in sums.items()}
+    metrics["actor/lr"] = learner.optimizer.param_groups[0]["lr"]
+    metrics["time/train_s"] = time.perf_counter() - t0
+    return metrics
+
+
 def aggregation_counts(batch: TrainBatch, rows: list[int], norm_length: float) -> dict[str, float]:
     """Token/sequence counts of the whole mini-batch ``rows``, the divisors of :func:`aggregate`.
 
@@ -323,23 +345,8 @@ class TorchLearner:
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """PPO epochs over mini-batches; returns averaged metrics (namespaced ``actor/``)."""
-        t0 = time.perf_counter()
         self.model.train()
-        on_policy = prepare_logprobs(batch, self.algo, self.train_cfg, self.compute_logprobs)
-        self._entropies = pre_update_entropies(batch)
-        norm_length = float(self.algo.norm_length or batch.response_mask_BT.shape[1])
-        sums: dict[str, float] = {}
-        schedule = update_schedule(len(batch), self.train_cfg, int(self.scheduler.last_epoch))
-        for i, (_, rows) in enumerate(schedule):
-            for k, v in self._update(batch, rows, norm_length, on_policy,
-                                     collect_entropy=i == 0 and batch.old_entropy_BT is None).items():  # fmt: skip
-                sums[k] = sums.get(k, 0.0) + v
-        n_updates = len(schedule)
-        self.scheduler.step()
-        metrics = {k: v / n_updates for k, v in sums.items()}
-        metrics["actor/lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics["time/train_s"] = time.perf_counter() - t0
-        return metrics
+        return run_train_step(self, batch)
 
     def _update(self, batch: TrainBatch, rows: list[int], norm_length: float, on_policy: bool,
                 collect_entropy: bool = False) -> dict[str, float]:
