@@ -25,6 +25,12 @@ def check_combinations(c: Config) -> None:
             f"train.mini_batches={t.mini_batches} must divide prompts_per_step*samples_per_prompt"
             f"={c.samples_per_step}"
         )
+    if a.kl.beta > 0 and a.kl.estimator == "k1":
+        raise ValueError("algorithm.kl.estimator=k1 as a loss has zero expected gradient (its gradient is the "
+                         "score function, whose mean is 0): use k3 (unbiased value, low variance) or k2")
+    if a.overlong_shaping.enabled and any(ls.get("name") == "dapo_overlong" for ls in c.reward.length_shapers):
+        raise ValueError("DAPO's overlong punishment is on twice: algorithm.overlong_shaping.enabled and "
+                         "reward.length_shapers [{name: dapo_overlong}]; keep one")
     if a.kl.beta > 0 and c.learner.name != "torch" and c.model.lora.rank == 0:
         raise ValueError("algorithm.kl.beta > 0 with the deepspeed learner needs model.lora.rank > 0")
     if isinstance(c.data.eval_size, float) and not 0 < c.data.eval_size < 1:

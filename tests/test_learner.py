@@ -244,3 +244,28 @@ def test_dmmpt_batch_entropy_gate_does_not_depend_on_micro_batching(tiny_model_d
     assert 0.3 < fracs[0] < 0.7 and fracs == pytest.approx([fracs[0]] * 3)
     for other in grads[1:]:
         torch.testing.assert_close(other, grads[0], atol=1e-6, rtol=1e-4)
+
+
+def test_forward_only_passes_run_in_eval_mode(tiny_model_dir):
+    """Old/ref log-probs are recomputed without dropout: with LoRA dropout 0.5 two recomputes of the
+    same batch used to differ (train mode), and the learner is back in train mode afterwards."""
+    _, comps, batch = _rollout(tiny_model_dir)
+    learner = _learner(tiny_model_dir, "model.lora={rank: 4, alpha: 8, dropout: 0.5, target_modules: all-linear}")
+    with torch.no_grad():  # a trained adapter (B starts at 0, which would hide the dropout)
+        for name, p in learner.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+    learner.model.train()
+    a, b = learner.compute_logprobs(batch), learner.compute_logprobs(batch)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert learner.model.training
+
+
+def test_kl_k1_as_a_loss_and_dapo_overlong_twice_are_config_errors():
+    from rlkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="k1 as a loss has zero expected gradient"):
+        load_config(None, ["algorithm.kl.beta=0.1", "algorithm.kl.estimator=k1"])
+    load_config(None, ["algorithm.kl.beta=0.1", "algorithm.kl.estimator=k3"])
+    with pytest.raises(ConfigError, match="overlong punishment is on twice"):
+        load_config(None, ["algorithm.overlong_shaping.enabled=true", "reward.length_shapers=[{name: dapo_overlong}]"])

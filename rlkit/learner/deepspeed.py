@@ -42,6 +42,7 @@ from rlkit.config import AlgorithmConfig, DeepSpeedConfig, LearnerConfig, ModelC
 from rlkit.learner.torch_learner import (
     aggregation_counts,
     batch_mean_entropy,
+    eval_mode,
     lr_lambda,
     micro_batch_loss,
     plan_micro_batches,
@@ -253,13 +254,15 @@ class DeepSpeedLearner:
         T = batch.response_mask_BT.shape[1]
         out = torch.zeros_like(batch.response_mask_BT)
         parts = [out] if entropy_out is None or reference else [out, entropy_out]
-        for idx in self._slots(batch, range(len(batch))):
-            mb = _to_device(batch.select(idx if idx is not None else [0]), self.device)
-            with self.module.disable_adapter() if reference else nullcontext():
-                lp, ent = response_logprobs(self.engine, mb, with_entropy=len(parts) > 1, share_prompt=self.share_prompt)
-            for part, value in zip(parts, (lp, None if ent is None else ent * mb.response_mask_BT)):
-                if idx is not None:
-                    part[idx] = pad_to(value.float().cpu(), T)
+        with eval_mode(self.engine):  # no dropout in a forward-only pass
+            for idx in self._slots(batch, range(len(batch))):
+                mb = _to_device(batch.select(idx if idx is not None else [0]), self.device)
+                with self.module.disable_adapter() if reference else nullcontext():
+                    lp, ent = response_logprobs(self.engine, mb, with_entropy=len(parts) > 1,
+                                                share_prompt=self.share_prompt)  # fmt: skip
+                for part, value in zip(parts, (lp, None if ent is None else ent * mb.response_mask_BT)):
+                    if idx is not None:
+                        part[idx] = pad_to(value.float().cpu(), T)
         self._release_gathered()
         if self.world_size > 1:  # rows are disjoint across ranks: a sum assembles the batch
             import torch.distributed as dist

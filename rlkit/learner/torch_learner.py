@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +99,17 @@ def response_logprobs(
             p = torch.softmax(logits.detach(), dim=-1)
             entropy = logz.detach() - (p * logits.detach()).sum(-1)
     return logprobs, entropy
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """``model.eval()`` for a forward-only pass, then back to the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def plan_micro_batches(batch: TrainBatch, rows, size: int, share_prompt: bool) -> list[list[int]]:
@@ -321,21 +334,23 @@ class TorchLearner:
     def compute_logprobs(self, batch: TrainBatch, *, reference: bool = False,
                          entropy_out: Tensor | None = None) -> Tensor:
         """Log-probs of the responses under the current (or reference) policy: float [B, T].
-        ``entropy_out`` [B, T]: filled with the tokens' entropies from the same pass."""
+        ``entropy_out`` [B, T]: filled with the tokens' entropies from the same pass. Runs in eval
+        mode: dropout (e.g. LoRA's) would make the recomputed log-probs random."""
         T = batch.response_mask_BT.shape[1]
         out = torch.zeros_like(batch.response_mask_BT)
-        with_entropy = entropy_out is not None
-        for idx in self._micro_batches(batch, range(len(batch))):
-            mb = batch.select(idx)
-            if reference and self.lora:
-                with self.model.disable_adapter():
-                    lp, _ = response_logprobs(self.model, mb, with_entropy=False, share_prompt=self.share_prompt)
-            else:
-                model = self.ref_model if reference else self.model
-                lp, ent = response_logprobs(model, mb, with_entropy=with_entropy, share_prompt=self.share_prompt)
-                if with_entropy:
-                    entropy_out[idx] = pad_to(ent * mb.response_mask_BT, T)
-            out[idx] = pad_to(lp, T)
+        with eval_mode(self.model):
+            for idx in self._micro_batches(batch, range(len(batch))):
+                mb = batch.select(idx)
+                if reference and self.lora:
+                    with self.model.disable_adapter():
+                        lp, _ = response_logprobs(self.model, mb, with_entropy=False, share_prompt=self.share_prompt)
+                else:
+                    model = self.ref_model if reference else self.model
+                    lp, ent = response_logprobs(model, mb, with_entropy=entropy_out is not None,
+                                                share_prompt=self.share_prompt)  # fmt: skip
+                    if entropy_out is not None:
+                        entropy_out[idx] = pad_to(ent * mb.response_mask_BT, T)
+                out[idx] = pad_to(lp, T)
         return out * batch.response_mask_BT
 
     # ------------------------------------------------------------------ update
