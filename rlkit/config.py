@@ -183,7 +183,9 @@ class AlgorithmConfig(_Section):
     loss_agg: Literal[
         "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
     ] = "token-mean"
-    norm_length: int | None = Field(None, description="Divisor for seq-mean-token-sum-norm.")
+    norm_length: int | None = Field(
+        None, description="Length divisor of seq-mean-token-sum-norm; default: engine.max_new_tokens."
+    )
     old_logprobs: Literal["auto", "recompute", "rollout"] = Field(
         "auto", description="auto: reuse current logprobs when one update per batch (on-policy)."
     )
@@ -380,6 +382,12 @@ class Config(_Section):
     @property
     def samples_per_step(self) -> int:
         return self.train.prompts_per_step * self.train.samples_per_prompt
+
+    @property
+    def learner_algorithm(self) -> AlgorithmConfig:
+        """``algorithm`` as the learners read it: ``norm_length`` defaults to the longest response."""
+        a = self.algorithm
+        return a if a.norm_length else a.model_copy(update={"norm_length": self.engine.max_new_tokens})
 
 
 # ----------------------------------------------------------------------------- errors

@@ -19,10 +19,10 @@ MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=F
     ("mode", "expected"),
     [
         ("token-mean", 2.0),  # (1 + 2 + 3) / 3 tokens
-        # (1.5 + 3 + 0) / 3 sequences = 1.5 (the empty row counts in B and contributes 0)
-        ("seq-mean-token-mean", 1.5),
-        ("seq-mean-token-sum", 2.0),  # (3 + 3 + 0) / 3 sequences
-        ("seq-mean-token-sum-norm", 2.0),  # (1 + 2 + 3) / T = 6 / 3
+        # (1.5 + 3) / 2 sequences = 2.25: the empty row (a filtered truncated sample) is no sequence
+        ("seq-mean-token-mean", 2.25),
+        ("seq-mean-token-sum", 3.0),  # (3 + 3) / 2 sequences
+        ("seq-mean-token-sum-norm", 1.0),  # (1 + 2 + 3) / 2 sequences / T = 6 / 2 / 3
     ],
 )
 def test_modes_by_hand(mode: str, expected: float) -> None:
@@ -36,7 +36,7 @@ def test_explicit_divisors() -> None:
         1.5
     )
     assert aggregate(LOSS, MASK, "seq-mean-token-sum-norm", norm_length=4096).item() == pytest.approx(
-        6 / 4096
+        6 / 2 / 4096
     )
 
 
@@ -70,7 +70,7 @@ def test_micro_batch_invariance(mode: str, splits: list[int]) -> None:
     loss, mask = _random_batch(0)
     B, T = loss.shape
     full = aggregate(loss, mask, mode)
-    globals_ = dict(num_tokens=mask.sum(), num_seqs=B, norm_length=T)
+    globals_ = dict(num_tokens=mask.sum(), num_seqs=int((mask.sum(-1) > 0).sum()), norm_length=T)
     total = torch.zeros((), dtype=F64)
     start = 0
     for size in splits:
@@ -92,7 +92,8 @@ def test_micro_batch_gradients_match(mode: str) -> None:
     aggregate(full_leaf, mask, mode).backward()
     mb_leaf = loss.clone().requires_grad_(True)
     for sl in (slice(0, 3), slice(3, 7)):
-        aggregate(mb_leaf[sl], mask[sl], mode, num_tokens=mask.sum(), num_seqs=B, norm_length=T).backward()
+        aggregate(mb_leaf[sl], mask[sl], mode, num_tokens=mask.sum(), num_seqs=(mask.sum(-1) > 0).sum(),
+                  norm_length=T).backward()
     torch.testing.assert_close(mb_leaf.grad, full_leaf.grad, atol=1e-12, rtol=0)
 
 

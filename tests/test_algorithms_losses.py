@@ -66,10 +66,10 @@ def test_symmetric_clip_dr_grpo_worked_example() -> None:
     # Dr.GRPO paper form (1/G) ΣΣ with G = 2: 0.333731
     assert aggregate(loss, MASK, "seq-mean-token-sum", num_seqs=2).item() == pytest.approx(0.333731, abs=1e-5)
     assert aggregate(loss, MASK, "seq-mean-token-sum").item() == pytest.approx(0.333731, abs=1e-5)
-    # verl seq-mean-token-sum-norm, L_pad = 3: 0.667461 / 3 = 0.222487 (not divided by G)
-    assert aggregate(loss, MASK, "seq-mean-token-sum-norm").item() == pytest.approx(0.222487, abs=1e-5)
+    # verl seq-mean-token-sum-norm, horizon 3: 0.667461 / G / 3 = 0.333731 / 3 = 0.111244
+    assert aggregate(loss, MASK, "seq-mean-token-sum-norm").item() == pytest.approx(0.111244, abs=1e-5)
     assert aggregate(loss, MASK, "seq-mean-token-sum-norm", norm_length=3).item() == pytest.approx(
-        0.222487, abs=1e-5
+        0.111244, abs=1e-5
     )
 
 

@@ -1,11 +1,16 @@
 """Reduce a per-token loss [B, T] to a scalar (spec §0 "Aggregation modes"; verl ``agg_loss``).
 
-Modes (``m`` = mask, ``l`` = per-token loss):
-- ``token-mean``:              ``sum_{i,t} m l / num_tokens``            (default ``sum m``; DAPO §7.1)
-- ``seq-mean-token-mean``:     ``sum_i (sum_t m l / max(sum_t m, 1)) / num_seqs``  (default ``B``; GSPO §7.3)
-- ``seq-mean-token-sum``:      ``sum_{i,t} m l / num_seqs``              (default ``B``; Dr.GRPO paper form)
-- ``seq-mean-token-sum-norm``: ``sum_{i,t} m l / norm_length``           (default ``T``; verl Dr.GRPO §7.2,
-  note: NOT divided by the number of sequences)
+Modes (``m`` = mask, ``l`` = per-token loss, ``S`` = sequences with at least one valid token):
+- ``token-mean``:              ``sum_{i,t} m l / num_tokens``                    (default ``sum m``; DAPO)
+- ``seq-mean-token-mean``:     ``sum_i (sum_t m l / sum_t m) / num_seqs``        (default ``S``; GSPO)
+- ``seq-mean-token-sum``:      ``sum_{i,t} m l / num_seqs``                      (default ``S``)
+- ``seq-mean-token-sum-norm``: ``sum_{i,t} m l / (num_seqs * norm_length)``      (defaults ``S``, ``T``; Dr.GRPO)
+
+These are verl's definitions (tested against verl's own ``agg_loss``): a fully masked row (a
+truncated sample under ``overlong_filter``) is not counted as a sequence, and Dr.GRPO's form is a
+mean over sequences of token sums divided by a constant horizon. The learner passes
+``norm_length = algorithm.norm_length``, by default ``engine.max_new_tokens`` (verl's response
+length), so the divisor does not depend on how a batch happened to be padded.
 
 Micro-batching / data parallelism (STYLE.md #5): pass the *global* ``num_tokens`` / ``num_seqs`` /
 ``norm_length`` of the whole mini-batch and each micro-batch's result becomes its exact share, so
@@ -28,6 +33,11 @@ def _clamp_count(x: Count) -> Count:
     if isinstance(x, Tensor):
         return x.clamp(min=1)
     return max(float(x), 1.0)
+
+
+def valid_seqs(mask_BT: Tensor) -> Tensor:
+    """Number of rows with at least one valid token (verl's sequence count)."""
+    return (mask_BT.sum(-1) > 0).sum()
 
 
 def masked_sum(values_BT: Tensor, mask_BT: Tensor) -> Tensor:
@@ -65,11 +75,11 @@ def seq_mean_token_mean(
     num_seqs: Count | None = None,
     norm_length: Count | None = None,
 ) -> Tensor:
-    """``sum_i (sum_t m l / max(sum_t m, 1)) / num_seqs`` (default ``num_seqs = B``)."""
+    """``sum_i (sum_t m l / max(sum_t m, 1)) / num_seqs`` (default: rows with a valid token)."""
     mask = mask_BT.to(loss_BT.dtype)
     seq_means_B = (loss_BT * mask).sum(-1) / mask.sum(-1).clamp(min=1)
     if num_seqs is None:
-        num_seqs = loss_BT.shape[0]
+        num_seqs = valid_seqs(mask_BT)
     return seq_means_B.sum() / _clamp_count(num_seqs)
 
 
@@ -82,9 +92,9 @@ def seq_mean_token_sum(
     num_seqs: Count | None = None,
     norm_length: Count | None = None,
 ) -> Tensor:
-    """``sum_{i,t} m l / num_seqs`` (default ``num_seqs = B``)."""
+    """``sum_{i,t} m l / num_seqs`` (default: rows with a valid token)."""
     if num_seqs is None:
-        num_seqs = loss_BT.shape[0]
+        num_seqs = valid_seqs(mask_BT)
     return masked_sum(loss_BT, mask_BT) / _clamp_count(num_seqs)
 
 
@@ -97,14 +107,16 @@ def seq_mean_token_sum_norm(
     num_seqs: Count | None = None,
     norm_length: Count | None = None,
 ) -> Tensor:
-    """``sum_{i,t} m l / norm_length`` (default ``norm_length = T``); not divided by ``B`` (§7.2).
+    """``sum_{i,t} m l / (num_seqs * norm_length)`` (defaults: rows with a valid token, ``T``).
 
-    Set ``norm_length`` to a constant such as ``max_response_length`` so the divisor does not
+    Set ``norm_length`` to a constant such as the maximum response length so the divisor does not
     depend on how a micro-batch was padded.
     """
+    if num_seqs is None:
+        num_seqs = valid_seqs(mask_BT)
     if norm_length is None:
         norm_length = loss_BT.shape[-1]
-    return masked_sum(loss_BT, mask_BT) / _clamp_count(norm_length)
+    return masked_sum(loss_BT, mask_BT) / _clamp_count(num_seqs) / _clamp_count(norm_length)
 
 
 def aggregate(

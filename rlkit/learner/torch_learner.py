@@ -223,8 +223,9 @@ def aggregation_counts(batch: TrainBatch, rows: list[int], norm_length: float) -
     Every micro-batch (and data-parallel shard) divides by these, so the summed gradients equal
     the whole mini-batch's gradient however its rows are split.
     """
-    num_tokens = float(batch.response_mask_BT[rows].sum().clamp(min=1.0))
-    return dict(num_tokens=num_tokens, num_seqs=float(len(rows)), norm_length=norm_length)
+    mask = batch.response_mask_BT[rows]
+    num_seqs = float((mask.sum(-1) > 0).sum().clamp(min=1))  # fully masked rows are not sequences (verl)
+    return dict(num_tokens=float(mask.sum().clamp(min=1.0)), num_seqs=num_seqs, norm_length=norm_length)
 
 
 @dataclass

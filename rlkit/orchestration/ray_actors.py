@@ -172,7 +172,7 @@ class LearnerWorker:
             model_path,
             model_cfg=cfg.model,
             learner_cfg=cfg.learner,
-            algo_cfg=cfg.algorithm,
+            algo_cfg=cfg.learner_algorithm,
             train_cfg=cfg.train,
             seed=cfg.seed,
         )
@@ -194,7 +194,7 @@ class LearnerWorker:
 
         cfg = self._cfg
         self.learner = DeepSpeedLearner(
-            self._model_path, model_cfg=cfg.model, learner_cfg=cfg.learner, algo_cfg=cfg.algorithm,
+            self._model_path, model_cfg=cfg.model, learner_cfg=cfg.learner, algo_cfg=cfg.learner_algorithm,
             train_cfg=cfg.train, seed=cfg.seed, rank=self.rank, world_size=cfg.learner.num_ranks,
             master_addr=master_addr, master_port=master_port,
         )
