@@ -12,8 +12,14 @@ import torch
 core = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl reference not installed "
                            "(pip install --no-deps -r tests/requirements-verl.txt)")  # fmt: skip
 
-from rlkit.algorithms import ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, AdvantageInputs, PolicyLossInputs  # noqa: E402
-from rlkit.algorithms import aggregate  # noqa: E402
+from rlkit.algorithms import (  # noqa: E402
+    ADVANTAGES,
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
+    AdvantageInputs,
+    PolicyLossInputs,
+    aggregate,  # noqa: E402
+)
 
 F32 = torch.float32
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
