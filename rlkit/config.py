@@ -175,6 +175,16 @@ class OverlongShapingConfig(_Section):
     penalty_factor: float = 1.0
 
 
+class RolloutCorrectionConfig(_Section):
+    """Rollout-training mismatch correction: weight the loss by pi_old / pi_rollout (docs/algorithms)."""
+
+    mode: Literal["none", "tis", "mis"] = Field(
+        "none", description="tis: weight min(w, clip); mis: drop tokens/sequences with w outside [1/clip, clip]."
+    )
+    level: Literal["token", "sequence"] = Field("token", description="w per token, or per sequence (product).")
+    clip: float = Field(2.0, gt=1.0, description="C of the truncation / the masking band.")
+
+
 class AlgorithmConfig(_Section):
     advantage: str = Field("grpo", description="Registered advantage estimator.")
     advantage_params: dict[str, Any] = Field(default_factory=dict)
@@ -190,6 +200,7 @@ class AlgorithmConfig(_Section):
         "auto", description="auto: reuse current logprobs when one update per batch (on-policy)."
     )
     kl: KLConfig = Field(default_factory=KLConfig)
+    rollout_correction: RolloutCorrectionConfig = Field(default_factory=RolloutCorrectionConfig)
     dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
     overlong_filter: bool = Field(False, description="Mask the loss of truncated samples.")
     overlong_shaping: OverlongShapingConfig = Field(default_factory=OverlongShapingConfig)

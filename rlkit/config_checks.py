@@ -25,6 +25,17 @@ def check_combinations(c: Config) -> None:
             f"train.mini_batches={t.mini_batches} must divide prompts_per_step*samples_per_prompt"
             f"={c.samples_per_step}"
         )
+    rc = a.rollout_correction
+    if rc.mode != "none" and a.old_logprobs == "rollout":
+        raise ValueError("algorithm.rollout_correction weights pi_old / pi_rollout; with algorithm.old_logprobs="
+                         "rollout the PPO ratio is already taken against the engine's log-probs: use "
+                         "old_logprobs auto or recompute, or rollout_correction.mode=none")
+    e = c.engine
+    if e.name == "vllm" and (e.top_p < 1 or e.top_k > 0) and (rc.mode != "none" or a.old_logprobs == "rollout"):
+        raise ValueError(f"engine.top_p={e.top_p} / top_k={e.top_k}: vLLM reports log-probs renormalised over "
+                         "the kept tokens, which are not the policy's, so the PPO ratio or the rollout "
+                         "correction would be biased; sample with top_p=1 and top_k=0, or set "
+                         "algorithm.old_logprobs=auto and rollout_correction.mode=none")
     if a.kl.beta > 0 and a.kl.estimator == "k1":
         raise ValueError("algorithm.kl.estimator=k1 as a loss has zero expected gradient (its gradient is the "
                          "score function, whose mean is 0): use k3 (unbiased value, low variance) or k2")

@@ -311,6 +311,18 @@ def test_training_rollouts_are_guided_and_counted(tiny_model_dir, eos_predictor_
     Trainer(load_config(QUICKSTART, unguided)).run()
     (p,) = read_metrics(tmp_path / "plain")
     assert p["response/len_max"] > 1.0 and not any(k.startswith("budget_guidance/") for k in p)
+    # Under the rollout correction, guided samples are off-policy: the engine reports the log-prob
+    # of the guided distribution (EOS forced: ~0), the learner its own (EOS unlikely), so w << 1.
+    # mode none (the default, above): trained as the policy's own, the gap is only measured;
+    # tis: w < C is left as it is (the token's weight is w, tiny); mis: dropped.
+    for x in m:
+        assert x["mismatch/ratio_mean"] < 0.5 and x["mismatch/kl"] > 0.1 and x["mismatch/corrected_frac"] == 0.0
+    mis = tiny_overrides(tiny_model_dir, tmp_path, "guided_mis", steps=1) + [
+        "eval.after=false", "data.budget={prior: fixed, low: 8, high: 8}",
+        f"model.budget_guidance={eos_predictor_dir}", "algorithm.rollout_correction={mode: mis, clip: 2.0}"]
+    Trainer(load_config(QUICKSTART, mis)).run()
+    (x,) = read_metrics(tmp_path / "guided_mis")
+    assert x["mismatch/corrected_frac"] == 1.0 and x["actor/pg_loss"] == 0.0  # every guided token dropped
 
 
 @pytest.mark.slow

@@ -38,8 +38,11 @@ from rlkit.algorithms.prefix_tree import PrefixTree, TEMPOParams, build_prefix_t
 from rlkit.algorithms.hapo import EntropyStats, HAPOAdvantageParams, HAPOLossParams, compute_entropy_h, hapo_loss, hapo_sampling_stats, hapo_token_mean_advantage
 from rlkit.algorithms.brpo import BRPOParams, BudgetPrior, brpo_advantage  # noqa: F401  (registers "brpo")
 from rlkit.algorithms.dmmpt import LOSS_MASKS, DMMPTParams, apply_loss_masks, mask_mastered_positive  # noqa: F401
+from rlkit.algorithms.correction import RolloutCorrectionParams, rollout_correction
 
 __all__ = [
+    "RolloutCorrectionParams",
+    "rollout_correction",
     "ADVANTAGES",
     "AGGREGATIONS",
     "KL_ESTIMATORS",

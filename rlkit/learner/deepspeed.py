@@ -44,6 +44,7 @@ from rlkit.learner.torch_learner import (
     batch_mean_entropy,
     eval_mode,
     lr_lambda,
+    merge_metric,
     micro_batch_loss,
     plan_micro_batches,
     prepare_logprobs,
@@ -300,13 +301,13 @@ class DeepSpeedLearner:
             self.engine.backward(out.loss * (self.world_size * weight), scale_wrt_gas=False)
             if idx is not None:
                 for k, v in out.metrics.items():
-                    acc[k] = acc.get(k, 0.0) + v
+                    merge_metric(acc, k, v)
                 if collect_entropy:
                     self._entropies.append(out.entropy_tokens.float().cpu())
         total: dict[str, float] = {}
         for part in self._gather_objects(acc):
             for k, v in part.items():
-                total[k] = total.get(k, 0.0) + v
+                merge_metric(total, k, v)
         return total
 
     def _update(self, batch: TrainBatch, rows: list[int], norm_length: float, on_policy: bool,

@@ -21,9 +21,11 @@ from rlkit.algorithms import (
     LOSS_MASKS,
     POLICY_LOSSES,
     PolicyLossInputs,
+    RolloutCorrectionParams,
     aggregate,
     apply_loss_masks,
     kl_penalty,
+    rollout_correction,
 )
 from rlkit.batch import TrainBatch, pad_to
 from rlkit.config import AlgorithmConfig, LearnerConfig, ModelConfig, TrainConfig
@@ -209,9 +211,9 @@ def run_train_step(learner: Any, batch: TrainBatch, keep_entropies: bool = True)
         # without a pre-update pass, the first update's forward passes give the entropy statistics
         collect = i == 0 and batch.old_entropy_BT is None
         for k, v in learner._update(batch, rows, norm_length, on_policy, collect_entropy=collect).items():
-            sums[k] = sums.get(k, 0.0) + v
+            merge_metric(sums, k, v)
     learner.scheduler.step()
-    metrics = {k: v / len(schedule) for k, v in sums.items()}
+    metrics = {k: v if k.endswith("_max") else v / len(schedule) for k, v in sums.items()}
     metrics["actor/lr"] = learner.optimizer.param_groups[0]["lr"]
     metrics["time/train_s"] = time.perf_counter() - t0
     return metrics
@@ -261,6 +263,12 @@ def micro_batch_loss(
         logprobs_BT=lp, old_logprobs_BT=old, advantages_BT=mb.advantages_BT, response_mask_BT=mask, entropy_BT=ent,
     )
     loss_BT, lm = loss_fn(inp, loss_params)
+    if mb.rollout_logprobs_BT is not None:  # mismatch diagnostics always, the correction if configured
+        rc = algo.rollout_correction
+        weight_BT, cm = rollout_correction(old.detach(), mb.rollout_logprobs_BT, mask,
+                                           RolloutCorrectionParams(rc.mode, rc.level, rc.clip))  # fmt: skip
+        loss_BT = loss_BT * weight_BT
+        lm = {**lm, **{f"mismatch/{k}": v for k, v in cm.items()}}
     if algo.loss_mask:  # e.g. DMMPT; aggregation keeps the full mask as its denominator
         loss_BT, mm = apply_loss_masks(loss_BT, inp, algo.loss_mask, positive_B=mb.correct_B,
                                        batch_mean_entropy=batch_mean_entropy)  # fmt: skip
@@ -276,8 +284,14 @@ def micro_batch_loss(
     acc["actor/pg_loss"] = float(pg.detach())
     acc["actor/entropy"] = float((ent * mask).sum()) / num_tokens
     for k, v in lm.items():
-        acc[f"actor/{k}"] = float(v) * w
+        key = k if k.startswith("mismatch/") else f"actor/{k}"
+        acc[key] = float(v) if k.endswith("_max") else float(v) * w
     return MicroBatchLoss(loss, acc, ent[mask > 0].detach())
+
+
+def merge_metric(acc: dict[str, float], key: str, value: float) -> None:
+    """Add a micro-batch's (or rank's) metric share into ``acc``; ``*_max`` metrics take the max."""
+    acc[key] = max(acc.get(key, value), value) if key.endswith("_max") else acc.get(key, 0.0) + value
 
 
 class TorchLearner:
@@ -379,7 +393,7 @@ class TorchLearner:
             if collect_entropy:
                 self._entropies.append(out.entropy_tokens)
             for k, v in out.metrics.items():
-                acc[k] = acc.get(k, 0.0) + v
+                merge_metric(acc, k, v)
         params = [p for p in self.model.parameters() if p.requires_grad]
         gn = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         if torch.isfinite(gn):
