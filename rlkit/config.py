@@ -320,6 +320,12 @@ class ClusterConfig(_Section):
         "time, MiB.")
     sync_timeout_s: float = Field(
         600.0, gt=0.0, description="collective: rendezvous and broadcast timeout of the weight-sync group.")
+    verify_sync_every: int = Field(
+        0, ge=0, description="Every N syncs, engines score a fixed probe and must match the learner's log-probs "
+        "within verify_sync_tol, else the run stops; 0 = off. Logs sync/logprob_max_abs_diff.")
+    verify_sync_tol: float = Field(
+        0.1, gt=0.0, description="Largest allowed |engine - learner| log-prob on the probe (nats); bf16 engines "
+        "differ by ~1e-2, fp32 ones by ~1e-6, wrong weights by far more.")
 
 
 class SegmentsConfig(_Section):

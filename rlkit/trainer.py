@@ -76,6 +76,7 @@ class Trainer:
         self.rollout_params = getattr(self.adv_params, "rollout_params", None)
         self.sampler_stats: list[float] | None = None  # HAPO adaptive temperature, from the last step
         self.policy_version = 0  # step of the engines' weights: the last step that updated and synced
+        self.syncs = 0
 
         from rlkit.orchestration.ray_actors import init_ray, spawn_actors
 
@@ -230,6 +231,9 @@ class Trainer:
                 self.sampler_stats = ray.get(self.learner.entropy_stats.remote(at.pivot, at.replicate_release_sign))
             m["time/sync_s"] = sync_weights(self.learner, self.engines, step)
             self.policy_version = step
+            self.syncs += 1
+            if cfg.cluster.verify_sync_every and self.syncs % cfg.cluster.verify_sync_every == 0:
+                m.update(self._verify_sync(step))
         else:
             tracker.print(f"step {step}: no informative group; update skipped")
         m.update(self.engines.metrics())  # cluster/actor_restarts: engines recreated after dying
@@ -242,6 +246,16 @@ class Trainer:
         m["perf/tokens_per_s"] = gen_tokens / m["time/step_s"]
         self._log_samples(step, all_groups, tracker)
         return m
+
+    def _verify_sync(self, step: int) -> dict[str, float]:
+        from rlkit.checkpoint import latest_checkpoint
+        from rlkit.orchestration.sync_check import SyncVerificationError, verify_sync
+
+        try:
+            return verify_sync(self.engines, self.learner, step, self.cfg.cluster.verify_sync_tol)
+        except SyncVerificationError as e:
+            last = latest_checkpoint(self.run_dir)
+            raise SyncVerificationError(f"{e}; stopping. Last checkpoint: {last or 'none'}") from None
 
     def _request_meta(self) -> dict[str, Any]:
         """Per-request extras for training rollouts: HAPO's adaptive temperature processor."""

@@ -228,6 +228,10 @@ class EnginePool:
             out[c.engine::E] = list(rows)
         return out
 
+    def score_each(self, prefixes: list[list[int]], continuations: list[list[int]]) -> list[list[list[float]]]:
+        """The same rows scored by every engine (not sharded): one result per engine, in engine order."""
+        return self.run([Call(k, "score", (prefixes, continuations)) for k in range(len(self.actors))])
+
     # ------------------------------------------------------------------ weights
     def load_state(self, state: Any, version: int | None) -> float:
         """Load ``state`` (an ObjectRef or a dict) into every engine and keep it for restarts. Seconds."""
