@@ -24,6 +24,13 @@ Registered shapers (``SHAPERS.names()``):
 
 The framework (``LengthContext``, the registry, ``LengthShaper``, ``LengthShaping``) lives in
 :mod:`rewards.shaping` and is re-exported here.
+
+Departure, deliberately kept: a length is the number of generated tokens *including* the EOS
+token of a response that stopped by itself (the trainer passes ``len(token_ids)``, the tokens the
+loss sees). The HAPO and L1 reference code counts the decoded answer without EOS, so a stopped
+response is one token longer here. HAPO-history compares lengths with a history measured the same
+way, so the extra token cancels (it separates only stopped from truncated responses); for L1 the
+budget boundary moves by one token (``budget`` answer tokens plus EOS count as one over).
 """
 
 from __future__ import annotations
