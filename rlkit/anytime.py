@@ -50,13 +50,24 @@ def thinking_status(c: Completion, think_end: str, eos_ids: Sequence[int]) -> tu
 
 @dataclass
 class SummarySample:
-    """One sampled summary: of thinking ``parent``, prompt ``prompt_index``, budget ``budget_index``."""
+    """One sampled summary of thinking ``parent`` at summary prompt ``prompt_index``.
+
+    A prompt stands for every budget in ``budget_indices`` (a thinking that ended before several
+    budgets has one prompt for all of them): its summaries count toward ``r̄`` at each of those
+    budgets and are trained once. ``budget_index`` is the largest of them (the row's label).
+    """
 
     parent: int
     prompt_index: int
     budget_index: int
     prompt_ids: list[int]
     completion: Completion
+    budget_indices: tuple[int, ...] = ()
+
+    @property
+    def budgets(self) -> tuple[int, ...]:
+        """Budget indices this summary stands for."""
+        return self.budget_indices or (self.budget_index,)
 
 
 def _seed(*parts: Any) -> int:
@@ -103,7 +114,11 @@ def sample_summaries(
     summary_params: SamplingParams | None = None,
     seed: int = 0,
 ) -> tuple[list[SummarySample], list[list[SummaryPrompt]]]:
-    """Sample ``n_summary`` summaries per budget for every thinking, in one engine call.
+    """Sample ``n_summary`` summaries per summary prompt for every thinking, in one engine call.
+
+    Budgets that share a prompt (all those at or beyond a thinking's end) share its ``n_summary``
+    summaries, as in the paper: a thinking shorter than every budget gets ``A`` summaries, not
+    ``S * A``, and each is trained once.
 
     Args:
         engines: ``RolloutEngine`` objects or Ray handles (a list), or the trainer's engine pool.
@@ -139,8 +154,8 @@ def sample_summaries(
         for k, sp in enumerate(plan):
             if sp.dead:
                 continue
-            params = dataclasses.replace(base, n=ap.n_summary * len(sp.budget_indices),
-                                         max_new_tokens=ap.summary_max_new_tokens, seed=_seed(seed, n, k))
+            params = dataclasses.replace(base, n=ap.n_summary, max_new_tokens=ap.summary_max_new_tokens,
+                                         seed=_seed(seed, n, k))
             requests.append(RolloutRequest(sp.prompt_ids, params, group_id=n, meta={"parent": n, "prompt": k}))
             keys.append((n, k))
     comps = generate_once(engines, requests)
@@ -148,9 +163,9 @@ def sample_summaries(
     off = 0
     for (n, k), req in zip(keys, requests):
         sp = plans[n][k]
-        for a in range(req.params.n):  # chunk a // A serves budget sp.budget_indices[a // A]
-            j = sp.budget_indices[a // ap.n_summary]
-            samples.append(SummarySample(n, k, j, sp.prompt_ids, comps[off + a]))
+        for a in range(req.params.n):
+            samples.append(SummarySample(n, k, sp.budget_indices[-1], sp.prompt_ids, comps[off + a],
+                                         tuple(sp.budget_indices)))  # fmt: skip
         off += req.params.n
     samples.sort(key=lambda s: (s.parent, s.budget_index))  # stable: sample order kept
     return samples, plans
@@ -196,9 +211,11 @@ def brpo_rows(
     prior = ap.prior
     S = prior.n_support
     scores_M = torch.tensor(list(scores), dtype=torch.float64)
-    parent_M = torch.tensor([s.parent for s in samples], dtype=torch.long)
-    budget_M = torch.tensor([s.budget_index for s in samples], dtype=torch.long)
-    rbar_NS = budget_rewards(scores_M, parent_M, budget_M, N, S)
+    # r̄ at every budget a summary stands for (a shared prompt's summaries count at each of its budgets)
+    per_budget = [(s.parent, j, sc) for s, sc in zip(samples, scores) for j in s.budgets]
+    rbar_NS = budget_rewards(torch.tensor([sc for *_, sc in per_budget], dtype=torch.float64),
+                             torch.tensor([n for n, *_ in per_budget], dtype=torch.long),
+                             torch.tensor([j for _, j, _ in per_budget], dtype=torch.long), N, S)  # fmt: skip
     probs_S = prior.probs_S
     B = N + M
     rbar_BS = torch.zeros(B, S, dtype=torch.float64)

@@ -145,7 +145,7 @@ def _metrics(samples: Sequence[SummarySample], plans: list, correct: Sequence[An
         "anytime/engine_calls": float(min(n_engines, sampled)),
     }
     for j, b in enumerate(p.prior.budgets):  # accuracy of the summaries sampled at budget b
-        vals = [float(c is not None and c >= 1.0) for s, c in zip(samples, correct) if s.budget_index == j]
+        vals = [float(c is not None and c >= 1.0) for s, c in zip(samples, correct) if j in s.budgets]
         m[f"anytime/acc@{b}"] = statistics.fmean(vals) if vals else 0.0
     return m
 

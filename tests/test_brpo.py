@@ -309,7 +309,7 @@ def test_sample_summaries_end_to_end(hf_engine) -> None:
         closed, eos_ended = thinking_status(c, ap.think_end, hf_engine.eos_ids)
         assert plans[n] == plan_summary_prompts(c.prompt_ids, c.token_ids, [4, 8, 12], closed=closed,
                                                 truncation_ids=trunc, answer_ids=answer, eos_ended=eos_ended)
-        expected += sum(2 * len(p.budget_indices) for p in plans[n] if not p.dead)
+        expected += sum(2 for p in plans[n] if not p.dead)  # A = 2 per prompt, shared by its budgets
     assert len(samples) == expected
     assert [p.budget_indices for p in plans[4]] == [(0,), (1, 2)] and not plans[4][1].truncated
     assert [p.dead for p in plans[5]] == [False, True]
@@ -342,5 +342,24 @@ def test_sample_summaries_end_to_end(hf_engine) -> None:
     # r̄ is the mean score per (thinking, budget); dead budgets score 0
     for n in range(N):
         for j in range(3):
-            vals = [sc for s, sc in zip(samples, scores) if s.parent == n and s.budget_index == j]
+            vals = [sc for s, sc in zip(samples, scores) if s.parent == n and j in s.budgets]
             assert float(rows.rbar_NS[n, j]) == pytest.approx(sum(vals) / len(vals) if vals else 0.0)
+
+
+def test_budgets_beyond_a_short_thinking_share_one_set_of_summaries(hf_engine) -> None:
+    """A thinking that closed before the first budget has one summary prompt for all S budgets: the
+    paper samples A summaries for it, not S * A, and trains each once. Before the fix: 12 summaries
+    (3 budgets x A = 4), i.e. 3x the samples and 3x the weight in the loss."""
+    tok = hf_engine.tokenizer
+    ap = AnytimeParams(b_max=24, n_support=3, budget_probs="uniform", n_summary=4, summary_max_new_tokens=4)
+    q = tok.encode("What is 2+3?")
+    z = tok.encode("5", add_special_tokens=False) + tok.encode(ap.think_end, add_special_tokens=False)
+    assert len(z) < ap.prior.budgets[0]
+    short = Completion(q, z, [-1.0] * len(z), "stop", group_id=0, text="5" + ap.think_end)
+    samples, (plan,) = sample_summaries([hf_engine], [short], ap, tokenizer=tok, seed=3)
+    assert [sp.budget_indices for sp in plan] == [(0, 1, 2)]
+    assert len(samples) == 4 and all(s.budgets == (0, 1, 2) and s.budget_index == 2 for s in samples)
+    scores = [1.0, 0.0, 1.0, 1.0]
+    rows = brpo_rows([short], [0], samples, scores, ap)
+    assert len(rows.responses) == 1 + 4  # the thinking and each summary once
+    torch.testing.assert_close(rows.rbar_NS, torch.full((1, 3), 0.75, dtype=torch.float64))

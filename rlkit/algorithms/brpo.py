@@ -346,7 +346,9 @@ class AnytimeParams:
         b_max: thinking length cap (the thinking rollout's ``max_new_tokens``; paper 8000).
         n_support: number of budgets ``S``, ``b_j = b_max j / S`` (paper 4).
         budget_probs: budget prior ``uniform`` | ``linear`` | ``base`` (``base``: GRPO-like).
-        n_summary: summaries ``A`` per budget (paper 4; 1 is the GRPO baseline).
+        n_summary: summaries ``A`` per summary prompt, i.e. per budget, except that the budgets at or
+            beyond a thinking's end share one prompt and so one set of ``A`` (paper 4; 1 is the
+            GRPO baseline).
         summary_max_new_tokens: summary length cap (paper 128 - 10).
         think_end: marker closing the thinking (a stop string of the thinking rollout).
         truncation_text: inserted after a cut thinking (it closes the thinking).
