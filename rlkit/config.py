@@ -176,7 +176,7 @@ class OverlongShapingConfig(_Section):
 
 
 class RolloutCorrectionConfig(_Section):
-    """Rollout-training mismatch correction: weight the loss by pi_old / pi_rollout (docs/algorithms)."""
+    """Rollout-training mismatch correction: weight the loss by pi_old / pi_rollout (rlkit/algorithms/correction.py)."""
 
     mode: Literal["none", "tis", "mis"] = Field(
         "none", description="tis: weight min(w, clip); mis: drop tokens/sequences with w outside [1/clip, clip]."
