@@ -5,7 +5,7 @@
 [1.0]
 """
 
-from rewards import code, format, math  # noqa: F401  (register the built-in verifiers)
+from rewards import code, format, gym, math  # noqa: F401  (register the built-in verifiers)
 from rewards.manager import RewardManager, VerifierSpec
 from rewards.registry import completion_text, list_rewards, load_plugins, resolve, reward
 

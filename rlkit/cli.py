@@ -24,12 +24,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from rlkit.trainer import Trainer
 
     cfg = load_config(args.recipe, args.overrides)
+    from rlkit.data import DataError
     from rlkit.orchestration.sync_check import SyncVerificationError
 
     resume = True if args.resume else (False if args.no_resume else None)
     try:
         summary = Trainer(cfg, resume=resume).run()
-    except SyncVerificationError as e:
+    except (SyncVerificationError, DataError) as e:  # a run-time verdict or bad data: one line, no traceback
         print(f"rlkit: {e}", file=sys.stderr)
         return 1
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=None))

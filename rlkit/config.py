@@ -477,6 +477,16 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def merge_layer(raw: dict, layer: dict) -> dict:
+    """``deep_merge``, except that a layer switching ``data.source`` starts ``data.generator``
+    afresh: one source's generator keys (arithmetic's ``min_value``, ``ops``) mean nothing to another."""
+    new_source = layer.get("data", {}).get("source") if isinstance(layer.get("data"), dict) else None
+    old = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    if new_source is not None and new_source != old.get("source") and "generator" in old:
+        raw = {**raw, "data": {k: v for k, v in old.items() if k != "generator"}}
+    return deep_merge(raw, layer)
+
+
 def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -521,12 +531,13 @@ def compose(recipe: str | Path | None, overrides: list[str] = ()) -> dict:
         for entry, _ in defaults:
             group = entry.split("/", 1)[0]
             part = _read_yaml(_resolve_group(entry, search))
-            raw = deep_merge(raw, {group: part} if group in Config.model_fields else part)
+            raw = merge_layer(raw, {group: part} if group in Config.model_fields else part)
         for body in bodies:
-            raw = deep_merge(raw, body)
-    for ov in overrides:
-        raw = deep_merge(raw, parse_override(ov))
-    return raw
+            raw = merge_layer(raw, body)
+    layer: dict = {}
+    for ov in overrides:  # one layer: the order of the dotted overrides does not matter
+        layer = deep_merge(layer, parse_override(ov))
+    return merge_layer(raw, layer)
 
 
 def _recipe_chain(rp: Path, chain: tuple[Path, ...]) -> tuple[list[tuple[str, str]], list[dict]]:

@@ -50,6 +50,7 @@ def check_combinations(c: Config) -> None:
         raise ValueError(f"data.path is required when data.source is {c.data.source!r}")
     if not c.reward.verifiers:
         raise ValueError("reward.verifiers must name at least one verifier")
+    _check_generator(c)
     if c.segments.enabled:
         _check_segments(c)
     _check_engine(c)
@@ -57,6 +58,38 @@ def check_combinations(c: Config) -> None:
 
     check_cluster_config(c)
     _check_weight_sync(c)
+
+
+def _check_generator(c: Config) -> None:
+    """data.generator keys must be the chosen generator's (its task's, for reasoning_gym)."""
+    import dataclasses
+    import inspect
+
+    d = c.data
+    if d.source == "arithmetic":
+        from rlkit.generators import generate_arithmetic
+
+        where, valid = "source 'arithmetic'", set(inspect.signature(generate_arithmetic).parameters) - {"seed"}
+    elif d.source == "reasoning_gym":
+        task = d.generator.get("task")
+        if not task:
+            raise ValueError("data.generator.task is required with data.source=reasoning_gym (e.g. chain_sum)")
+        try:
+            from reasoning_gym.factory import DATASETS
+        except ImportError:
+            return  # the data loader says what to install
+        if task not in DATASETS:
+            hint = nearest(str(task), list(DATASETS))
+            raise ValueError(f"data.generator.task: unknown reasoning-gym task {task!r}"
+                             + (f"; did you mean {hint!r}?" if hint else ""))
+        where = f"reasoning-gym task {task!r}"
+        valid = {f.name for f in dataclasses.fields(DATASETS[task][1])} - {"seed"} | {"task"}
+    else:
+        return
+    bad = sorted(set(d.generator) - valid - {"n", "size"})
+    if bad:
+        raise ValueError(f"data.generator: {', '.join(bad)} not a parameter of {where} (its parameters: "
+                         f"{', '.join(sorted(valid - {'task', 'size', 'n'}))}, and n = the number of rows)")
 
 
 def _check_weight_sync(c: Config) -> None:
