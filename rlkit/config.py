@@ -369,6 +369,11 @@ class SegmentsConfig(_Section):
 
 
 class Config(_Section):
+    plugins: list[str] = Field(
+        default_factory=list, description="Modules or path/to/file.py imported before the config is checked, in "
+        "the driver and in every learner and engine worker: your own estimators, losses, loss masks, length "
+        "shapers, verifiers and data sources, selected by name."
+    )
     name: str = Field("run", description="Run name; the run dir is output_dir/name.")
     output_dir: str = "runs"
     seed: int = 0
@@ -580,6 +585,7 @@ def parse_override(ov: str) -> dict:
 
 
 def build(raw: dict) -> Config:
+    raw = load_plugins(raw)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
@@ -588,6 +594,31 @@ def build(raw: dict) -> Config:
 
     check_registries(cfg)
     return cfg
+
+
+def load_plugins(raw: dict | Config) -> dict | Config:
+    """Import the top-level ``plugins`` (file paths made absolute, so every worker finds them), so
+    that the names they register resolve; an import error is a :class:`ConfigError` naming the
+    plugin and the failing line. Returns ``raw`` with the absolute paths."""
+    import traceback
+
+    from rewards.registry import load_plugins as import_plugins
+
+    given = raw.plugins if isinstance(raw, Config) else raw.get("plugins") or []
+    if not isinstance(given, list):
+        raise ConfigError(f"plugins must be a list of module names or .py paths, got {given!r}")
+    plugins = [os.path.abspath(p) if isinstance(p, str) and p.endswith(".py") else p for p in given]
+    for p in plugins:
+        try:
+            import_plugins([p])
+        except Exception as e:  # noqa: BLE001  (any error in a user's module)
+            if isinstance(e, SyntaxError):
+                where = f"{e.filename}:{e.lineno}"
+            else:
+                frame = traceback.extract_tb(e.__traceback__)[-1]
+                where = f"{frame.filename}:{frame.lineno}"
+            raise ConfigError(f"plugins: cannot import {p!r}: {type(e).__name__}: {e} ({where})") from None
+    return raw if isinstance(raw, Config) else {**raw, "plugins": plugins} if given else raw
 
 
 def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> Config:

@@ -62,7 +62,7 @@ class Trainer:
             raise ValueError("no training rows left after the eval split; lower data.eval_size")
         self.cursor = PromptCursor(len(self.train_rows), cfg.seed, shuffle=d.shuffle)
         self._prompt_cache: dict[int, list[int]] = {}
-        self.manager = RewardManager.from_config(cfg.reward)
+        self.manager = RewardManager.from_config(cfg.reward, plugins=[*cfg.reward.plugins, *cfg.plugins])
         keys = [v.label or v.name.rpartition(":")[2] for v in cfg.reward.verifiers]  # the manager's per-verifier keys
         self.acc_key = "math" if "math" in keys else keys[0]
         from rewards.length import LengthShaping

@@ -70,7 +70,12 @@ def _threads(n: int | None) -> None:
 class RolloutWorker:
     """Owns one rollout engine (any registered engine class)."""
 
-    def __init__(self, engine_name: str, model_path: str, engine_kwargs: dict[str, Any], threads: int | None):
+    def __init__(self, engine_name: str, model_path: str, engine_kwargs: dict[str, Any], threads: int | None,
+                 plugins: tuple[str, ...] = ()):
+        if plugins:  # the config's plugins (engines, logits processors a user registered)
+            from rewards.registry import load_plugins
+
+            load_plugins(plugins)
         if engine_name != "vllm":  # vLLM binds its own threads; all-core torch threads made it ~20x slower on CPU
             _threads(threads)
         from rollout.engine import get_engine_class
@@ -162,6 +167,9 @@ class LearnerWorker:
 
     def __init__(self, model_path: str, cfg: Config, threads: int | None, rank: int | None = None):
         _threads(threads)
+        from rlkit.config import load_plugins
+
+        load_plugins(cfg)  # the config's plugins: a user's policy loss or loss mask runs here
         self._model_path, self._cfg, self.rank = model_path, cfg, rank
         self._sync: Any = None  # LearnerSyncEndpoint, made on first use
         if rank is not None:
@@ -371,7 +379,7 @@ def engine_specs(cfg: Config, model_path: str, engine_kwargs: dict[str, Any], pl
         kwargs["tensor_parallel_size"] = cfg.engine.tensor_parallel_size
         if cfg.engine.name == "vllm":  # TP workers as Ray actors on the engine's bundles (see placement.py)
             kwargs["llm_kwargs"] = {"distributed_executor_backend": "ray", **dict(kwargs.get("llm_kwargs") or {})}
-    args = (cfg.engine.name, model_path, kwargs, cfg.learner.num_threads)
+    args = (cfg.engine.name, model_path, kwargs, cfg.learner.num_threads, tuple(cfg.plugins))
     return [EngineSpec(args, placement.options(slot)) for slot in placement.plan.engines]
 
 
