@@ -28,7 +28,6 @@ from collections.abc import Iterable, Sequence
 REWARDS_DIR = os.path.dirname(os.path.abspath(__file__))
 SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime", "/etc/alternatives", "/etc/mime.types")
-DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 
 
 def interpreter_paths(python: str | None) -> list[str]:
@@ -71,12 +70,11 @@ def module_roots(names: Iterable[str], search: Sequence[str]) -> dict[str, str]:
 def registered_module_names(specs: Iterable[str]) -> list[str]:
     """Module names behind registered verifier names (``code_tests`` -> ``rewards.code``), so a
     sandboxed run can import where they are defined (e.g. a plugin package)."""
-    from rewards.registry import _REGISTRY  # noqa: PLC2701  (read-only)
+    from rewards.registry import list_rewards, lookup
 
-    found = []
+    registered, found = set(list_rewards()), []
     for spec in specs:
-        obj = _REGISTRY.get(spec)
-        module = getattr(obj, "__module__", None)
+        module = getattr(lookup(spec), "__module__", None) if spec in registered else None
         if module and module in sys.modules:
             found.append(module)
     return found

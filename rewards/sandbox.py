@@ -190,11 +190,11 @@ def call_verifier(
     other failure. Inputs travel to the child pickled (parent -> child only); rewards come back as
     JSON, so nothing the child writes is unpickled here.
     """
-    from rewards.registry import _REGISTRY, absolute_spec, entry_point_target
+    from rewards.registry import absolute_spec, entry_point_target, list_rewards
 
     limits = limits or SandboxLimits()
     spec = absolute_spec(spec)  # the child runs in its own temporary directory
-    if ":" not in spec and spec not in _REGISTRY:  # an entry point: hand the child its module:attr,
+    if ":" not in spec and spec not in list_rewards():  # an entry point: hand the child its module:attr,
         spec = entry_point_target(spec) or spec  # which the view can hold (not the whole sys.path)
     plugins = [os.path.abspath(p) if p.endswith(".py") or os.sep in p else p for p in plugins]
     # The child imports what this process can: its sys.path ('' is the cwd) and this package's root.

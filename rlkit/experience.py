@@ -128,14 +128,20 @@ def keep_informative(groups: list[Group], acc_key: str | None = None, on: str = 
     """
     if not groups:
         return []
-    if on == "accuracy" and acc_key and all(acc_key in g.per_verifier for g in groups):
-        scores = [1.0 if v >= 1.0 else 0.0 for g in groups for v in g.per_verifier[acc_key]]
-    else:
-        scores = [r for g in groups for r in g.rewards]
+    correct = correct_flags(groups, acc_key) if on == "accuracy" else None
+    scores = [r for g in groups for r in g.rewards] if correct is None else [float(c) for c in correct]
     rewards = torch.tensor(scores, dtype=torch.float64)
     gids = torch.tensor([i for i, g in enumerate(groups) for _ in g.rewards])
     keep = dynamic_sampling_keep_B(rewards, gids)
     return [g for i, g in enumerate(groups) if bool(keep[gids == i].all())]
+
+
+def correct_flags(groups: list[Group], acc_key: str | None) -> list[bool] | None:
+    """Per sample, did the ``acc_key`` verifier score it correct (``>= 1``); None unless every
+    group was scored by that verifier."""
+    if not acc_key or not groups or not all(acc_key in g.per_verifier for g in groups):
+        return None
+    return [v >= 1.0 for g in groups for v in g.per_verifier[acc_key]]
 
 
 def apply_length_shaping(groups: list[Group], cfg: Config, shaping, step: int, acc_key: str | None) -> dict[str, float]:
@@ -187,8 +193,9 @@ def make_batch(
     batch = build_batch(prompts, responses, pad_id=pad_id, rollout_logprobs=lps,
                         temperature=cfg.engine.temperature or 1.0)
     rewards_B = torch.tensor(rewards, dtype=torch.float32)
-    if acc_key and groups and all(acc_key in g.per_verifier for g in groups):
-        batch.correct_B = torch.tensor([v >= 1.0 for g in groups for v in g.per_verifier[acc_key]])
+    correct = correct_flags(groups, acc_key)
+    if correct is not None:
+        batch.correct_B = torch.tensor(correct)
     if cfg.algorithm.overlong_filter:
         batch.response_mask_BT = overlong_filter_mask(batch.response_mask_BT, torch.tensor(trunc))
     a = cfg.algorithm
