@@ -321,8 +321,9 @@ class ClusterConfig(_Section):
     sync_timeout_s: float = Field(
         600.0, gt=0.0, description="collective: rendezvous and broadcast timeout of the weight-sync group.")
     verify_sync_every: int = Field(
-        0, ge=0, description="Every N syncs, engines score a fixed probe and must match the learner's log-probs "
-        "within verify_sync_tol, else the run stops; 0 = off. Logs sync/logprob_max_abs_diff.")
+        0, ge=0, description="At the sync of every step that is a multiple of N, engines score a fixed probe and "
+        "must match the learner's log-probs within verify_sync_tol, else the run stops; 0 = off. Logs "
+        "sync/logprob_max_abs_diff.")
     verify_sync_tol: float = Field(
         0.1, gt=0.0, description="Largest allowed |engine - learner| log-prob on the probe (nats); bf16 engines "
         "differ by ~1e-2, fp32 ones by ~1e-6, wrong weights by far more.")
@@ -618,7 +619,9 @@ def load_plugins(raw: dict | Config) -> dict | Config:
                 frame = traceback.extract_tb(e.__traceback__)[-1]
                 where = f"{frame.filename}:{frame.lineno}"
             raise ConfigError(f"plugins: cannot import {p!r}: {type(e).__name__}: {e} ({where})") from None
-    return raw if isinstance(raw, Config) else {**raw, "plugins": plugins} if given else raw
+    if isinstance(raw, Config) or not given:
+        return raw
+    return {**raw, "plugins": plugins}
 
 
 def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> Config:

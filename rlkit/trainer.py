@@ -76,7 +76,6 @@ class Trainer:
         self.rollout_params = getattr(self.adv_params, "rollout_params", None)
         self.sampler_stats: list[float] | None = None  # HAPO adaptive temperature, from the last step
         self.policy_version = 0  # step of the engines' weights: the last step that updated and synced
-        self.syncs = 0
 
         from rlkit.orchestration.ray_actors import init_ray, spawn_actors
 
@@ -231,8 +230,7 @@ class Trainer:
                 self.sampler_stats = ray.get(self.learner.entropy_stats.remote(at.pivot, at.replicate_release_sign))
             m["time/sync_s"] = sync_weights(self.learner, self.engines, step)
             self.policy_version = step
-            self.syncs += 1
-            if cfg.cluster.verify_sync_every and self.syncs % cfg.cluster.verify_sync_every == 0:
+            if cfg.cluster.verify_sync_every and step % cfg.cluster.verify_sync_every == 0:
                 m.update(self._verify_sync(step))
         else:
             tracker.print(f"step {step}: no informative group; update skipped")
