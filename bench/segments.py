@@ -147,7 +147,7 @@ def _prompt_texts(n: int, seed: int) -> list[tuple[str, bool]]:
 
 
 def _build_engine(args: argparse.Namespace):
-    from rlkit.models import apply_chat_template, make_tiny_model, resolve_model_path
+    from rlkit.infra.models import apply_chat_template, make_tiny_model, resolve_model_path
     from rollout.hf import HFEngine
 
     torch.set_num_threads(args.threads)

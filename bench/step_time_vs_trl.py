@@ -1,6 +1,6 @@
 """Step time: rlkit vs TRL's GRPOTrainer on the same model, prompts and batch shape (CPU).
 
-Both sides run SmolLM2-135M-Instruct (``rlkit.models.resolve_model_path("smollm2-135m-instruct")``)
+Both sides run SmolLM2-135M-Instruct (``rlkit.infra.models.resolve_model_path("smollm2-135m-instruct")``)
 in fp32, on the same arithmetic prompts in the same order (the rows rlkit's quickstart config
 loads, split and walks with its ``PromptCursor``), with the same chat template and prompt
 template, group size G, max_new_tokens, prompts per step, steps, lr, temperature 1.0, no KL
@@ -90,8 +90,8 @@ def run_trl(a: argparse.Namespace) -> dict:
 
     from rewards import resolve
     from rlkit.config import load_config
-    from rlkit.data import PromptCursor, format_prompt, load_rows, split_rows
-    from rlkit.models import load_tokenizer, resolve_model_path
+    from rlkit.infra.data import PromptCursor, format_prompt, load_rows, split_rows
+    from rlkit.infra.models import load_tokenizer, resolve_model_path
 
     # The exact rows, in the exact order, that rlkit's trainer uses for these steps.
     cfg = load_config(str(RECIPE), rlkit_overrides(a))
@@ -220,7 +220,7 @@ def run_trl(a: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------- rlkit side
 def run_rlkit(a: argparse.Namespace) -> dict:
     from rlkit.config import load_config
-    from rlkit.tracking import read_metrics
+    from rlkit.infra.tracking import read_metrics
     from rlkit.trainer import Trainer
 
     cfg = load_config(str(RECIPE), rlkit_overrides(a))

@@ -24,7 +24,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from rlkit.trainer import Trainer
 
     cfg = load_config(args.recipe, args.overrides)
-    from rlkit.data import DataError
+    from rlkit.infra.data import DataError
     from rlkit.orchestration.sync_check import SyncVerificationError
 
     resume = True if args.resume else (False if args.no_resume else None)
@@ -52,10 +52,11 @@ def _load_target(target: str, overrides: list[str]):
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from rlkit.budget_eval import check_predictor_dir, parse_budgets, prompt_encoder
-    from rlkit.data import recipe_rows
-    from rlkit.evaluate import evaluate_rows, format_table
-    from rlkit.models import load_tokenizer, resolve_model_path
+    from rlkit.infra.data import recipe_rows
+    from rlkit.infra.models import load_tokenizer, resolve_model_path
+    from rlkit.methods.budget_guidance import check_predictor_dir
+    from rlkit.tools.budget_eval import parse_budgets, prompt_encoder
+    from rlkit.tools.evaluate import evaluate_rows, format_table
 
     cfg, run_model = _load_target(args.target, args.overrides)
     # flag errors before any model loads
@@ -96,8 +97,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_budgets(args, cfg, rows, encode, engine, budgets, guidance, model) -> int:
     """``rlkit eval --budgets``: accuracy / mean tokens per budget, unguided vs guided; JSON + PNG."""
-    from rlkit.budget_eval import (
-        build_guidance,
+    from rlkit.methods.budget_guidance import build_guidance
+    from rlkit.tools.budget_eval import (
         evaluate_budgets,
         format_budget_table,
         output_paths,
@@ -140,8 +141,8 @@ def _engine_for(model_path: str, adapter_dir: str | None, cfg):
 
 
 def _cmd_train_budget_predictor(argv: list[str]) -> int:
-    """``rlkit train-budget-predictor [flags]``: the flags of ``rlkit.budget_train``."""
-    from rlkit.budget_train import add_arguments, run
+    """``rlkit train-budget-predictor [flags]``: the flags of ``rlkit.tools.budget_train``."""
+    from rlkit.tools.budget_train import add_arguments, run
 
     ap = argparse.ArgumentParser(prog="rlkit train-budget-predictor",
                                  description="Train the budget-guidance predictor (spec §4.3) on the model's "
@@ -155,7 +156,7 @@ def _cmd_train_budget_predictor(argv: list[str]) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from rlkit.compare import compare_runs, format_markdown, plot_compare
+    from rlkit.tools.compare import compare_runs, format_markdown, plot_compare
 
     try:
         rows = compare_runs(args.run_dirs, tail=args.tail)
@@ -171,7 +172,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from rlkit.plot import plot_run
+    from rlkit.tools.plot import plot_run
 
     for p in plot_run(args.run_dir):
         print(p)
@@ -179,7 +180,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from rlkit.inspector import render_inspect
+    from rlkit.tools.inspector import render_inspect
 
     try:
         print(render_inspect(args.run_dir, step=args.step, out=args.out))
@@ -211,7 +212,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from rlkit.models import BUILTIN_MODELS, resolve_model_path
+    from rlkit.infra.models import BUILTIN_MODELS, resolve_model_path
 
     if args.convert:
         print(resolve_model_path(args.convert))
@@ -255,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="budget predictor dir for the guided runs (default: model.budget_guidance)")
     e.add_argument("--quiet", action="store_true", help="no progress output")
     e.set_defaults(fn=_cmd_eval)
-    # listed here for `rlkit --help`; main() hands its arguments to rlkit.budget_train's own parser
+    # listed here for `rlkit --help`; main() hands its arguments to rlkit.tools.budget_train's own parser
     # (importing it pulls in torch, which the other commands' parsing should not pay for)
     sub.add_parser("train-budget-predictor", add_help=False,
                    help="train the budget-guidance length predictor on the model's own completions")
@@ -285,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlkit.config import ConfigError
+    from rlkit.compose import ConfigError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train-budget-predictor"]:

@@ -8,7 +8,8 @@ loads a model.
 
 from __future__ import annotations
 
-from rlkit.config import Config, ConfigError, nearest
+from rlkit.compose import ConfigError, nearest
+from rlkit.schema import Config
 
 __all__ = ["check_combinations", "check_registries"]
 
@@ -50,9 +51,9 @@ def check_combinations(c: Config) -> None:
         raise ValueError(f"data.path is required when data.source is {c.data.source!r}")
     if not c.reward.verifiers:
         raise ValueError("reward.verifiers must name at least one verifier")
+    c.reward.accuracy_key  # noqa: B018  (an unknown reward.accuracy label raises)
     _check_generator(c)
-    if c.segments.enabled:
-        _check_segments(c)
+    _check_stages(c)
     _check_engine(c)
     from rlkit.orchestration.placement import check_cluster_config
 
@@ -67,7 +68,7 @@ def _check_generator(c: Config) -> None:
 
     d = c.data
     if d.source == "arithmetic":
-        from rlkit.generators import generate_arithmetic
+        from rlkit.infra.generators import generate_arithmetic
 
         where, valid = "source 'arithmetic'", set(inspect.signature(generate_arithmetic).parameters) - {"seed"}
     elif d.source == "reasoning_gym":
@@ -140,28 +141,13 @@ def _check_engine(c: Config) -> None:
                          "engine does not return; use engine.name=hf")
 
 
-def _check_segments(c: Config) -> None:
-    s, a = c.segments, c.algorithm
-    seg_len, max_len = s.resolved_seg_len(c.engine.max_new_tokens), c.engine.max_new_tokens
-    if seg_len > max_len:
-        raise ValueError(f"segments.seg_len={seg_len} must be <= engine.max_new_tokens={max_len} "
-                         "(the global max response length)")
-    if s.importance == "sais" and a.old_logprobs != "rollout":
-        raise ValueError("segments.importance=sais divides by each segment's behaviour log-probs: "
-                         f"set algorithm.old_logprobs=rollout (got {a.old_logprobs!r})")
-    if s.importance == "pois" and a.old_logprobs == "rollout":
-        raise ValueError("segments.importance=pois recomputes old log-probs with the current policy: "
-                         "set algorithm.old_logprobs=auto or recompute (got 'rollout')")
-    if s.max_inflight_groups is not None and s.max_inflight_groups < c.train.prompts_per_step:
-        raise ValueError(f"segments.max_inflight_groups={s.max_inflight_groups} must be >= "
-                         f"train.prompts_per_step={c.train.prompts_per_step}, else a step may never fill")
-    if s.group_mode == "siblings" and a.dynamic_sampling.enabled:
-        raise ValueError("segments.group_mode=siblings does not combine with algorithm.dynamic_sampling "
-                         "(a partial group's reward variance is unknown); use group_mode=complete")
-    if c.data.budget is not None or c.engine.adaptive_temperature.enabled:
-        raise ValueError("segments.enabled does not support data.budget or engine.adaptive_temperature yet "
-                         "(segment requests carry no per-request budget or logits processors)")
+def _check_stages(c: Config) -> None:
+    """Every registered stage checks the config (a stage that is off returns at once)."""
+    from rlkit.methods import STAGES, active_stages
 
+    active_stages(c)  # unknown names in ``stages``, two collectors
+    for stage in STAGES.values():
+        stage.check(c)
 
 
 def check_registries(cfg: Config) -> None:
@@ -232,18 +218,10 @@ def _check_sandbox(cfg: Config, known: list[str]) -> None:
 def _check_plugin_params(cfg: Config) -> None:
     """Validate the dict-valued blocks read by method modules (probes, length shapers, budgets)."""
     from rewards.budget_prompt import budget_params
-    from rewards.length import LengthShaping, build_dataclass
-    from rlkit.algorithms import ADVANTAGES
-    from rlkit.probes import ProbeParams
-
-    checks = [("algorithm.step_probe", lambda: build_dataclass(ProbeParams, cfg.algorithm.step_probe, "step_probe")),
-              ("reward.length_shapers", lambda: LengthShaping.from_config(cfg.reward.length_shapers))]
+    from rewards.length import LengthShaping
+    checks = [("reward.length_shapers", lambda: LengthShaping.from_config(cfg.reward.length_shapers))]
     if cfg.data.budget is not None:
         checks.append(("data.budget", lambda: budget_params(cfg.data.budget)))
-    if getattr(ADVANTAGES.get(cfg.algorithm.advantage).params, "needs_anytime_rollout", False):  # brpo
-        from rlkit.anytime_collect import check_config
-
-        checks.append(("algorithm.advantage", lambda: check_config(cfg)))
     for key, fn in checks:
         try:
             fn()

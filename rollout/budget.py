@@ -10,7 +10,7 @@ Contents: the Gamma maths (``gamma_nll``, ``guidance_weights``, ``guided_probs``
 predictor (``PredictorConfig``, ``GammaPredictor``, save/load) and ``BudgetGuidance``, a
 batched ``rollout.sampling.LogitsProcessor`` for the HF engine. Its training loop
 (``extract_features``, ``fit_predictor``, ``evaluate_predictor``) is in :mod:`rollout.budget_fit`;
-the data-generating command in ``rlkit.budget_train`` (this package must not import rlkit).
+the data-generating command in ``rlkit.tools.budget_train`` (this package must not import rlkit).
 
 Departures from the reference code (UMass-Embodied-AGI/BudgetGuidance):
 - batched over rows with per-row budgets (the reference asserts batch size 1);
@@ -298,7 +298,7 @@ def load_predictor(path: str | Path, device: str | torch.device = "cpu") -> tupl
     cfg_file, weights = root / CONFIG_FILE, root / WEIGHTS_FILE
     if not cfg_file.is_file() or not weights.is_file():
         raise FileNotFoundError(f"{root}: no budget predictor ({CONFIG_FILE} + {WEIGHTS_FILE}); "
-                                "train one with `python -m rlkit.budget_train`")
+                                "train one with `python -m rlkit.tools.budget_train`")
     doc = json.loads(cfg_file.read_text())
     predictor = GammaPredictor(PredictorConfig(**doc["predictor"]))
     predictor.load_state_dict(load_file(str(weights)))

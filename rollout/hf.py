@@ -136,7 +136,7 @@ def _mix_seed(*parts: Any) -> int:
 def lora_config(lora: Mapping[str, Any]) -> Any:
     """``{"rank", "alpha", "dropout", "target_modules"}`` -> ``peft.LoraConfig`` (causal LM).
 
-    Lives here because ``rollout`` never imports ``rlkit``; ``rlkit.models`` re-uses it."""
+    Lives here because ``rollout`` never imports ``rlkit``; ``rlkit.infra.models`` re-uses it."""
     from peft import LoraConfig
 
     known = {"rank", "r", "alpha", "lora_alpha", "dropout", "lora_dropout", "target_modules"}

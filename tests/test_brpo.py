@@ -18,7 +18,8 @@ from rlkit.algorithms.brpo import (
     budget_support,
     plan_summary_prompts,
 )
-from rlkit.anytime import (
+from rlkit.loop.batch import build_batch
+from rlkit.methods.anytime import (
     AnytimeParams,
     brpo_rows,
     sample_summaries,
@@ -26,7 +27,6 @@ from rlkit.anytime import (
     thinking_params,
     thinking_status,
 )
-from rlkit.batch import build_batch
 from rollout.engine import Completion, RolloutRequest, SamplingParams
 
 # spec §6b worked example: G = 3, S = 4, uniform p = 0.25

@@ -10,11 +10,10 @@ from test_brpo import RBAR, TABLE, _CountingEngine
 
 from rlkit.algorithms import ADVANTAGES, AdvantageInputs
 from rlkit.algorithms.brpo import plan_summary_prompts
-from rlkit.anytime import SummarySample, brpo_rows
-from rlkit.anytime_collect import summarize_groups, summary_groups
-from rlkit.batch import build_batch
 from rlkit.config import ConfigError, load_config
-from rlkit.experience import Group, make_batch
+from rlkit.loop.batch import build_batch
+from rlkit.loop.experience import Group, make_batch
+from rlkit.methods.anytime import SummarySample, brpo_rows, summarize_groups, summary_groups
 from rollout.engine import Completion, RolloutRequest, SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,7 +138,7 @@ def test_summarize_groups_with_engine_and_reward_manager(tiny_model_dir: str) ->
 
 
 def test_eos_ends_thinking_summarises_a_plain_response(tiny_model_dir: str) -> None:
-    from rlkit.anytime import sample_summaries
+    from rlkit.methods.anytime import sample_summaries
     from rollout.hf import HFEngine
 
     engine = HFEngine(tiny_model_dir, max_batch_size=8, seed=0)
@@ -194,9 +193,9 @@ def test_brpo_config_validates_before_any_model(capsys) -> None:
 def test_brpo_trains_through_the_trainer(tiny_model_dir, tmp_path, monkeypatch) -> None:
     from test_train_e2e import tiny_overrides
 
-    import rlkit.experience as X
-    from rlkit.inspector import render_inspect
-    from rlkit.tracking import read_metrics
+    import rlkit.loop.experience as X
+    from rlkit.infra.tracking import read_metrics
+    from rlkit.tools.inspector import render_inspect
     from rlkit.trainer import Trainer
 
     calls: list[tuple[str, int]] = []

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlkit.budget_eval import format_budget_table, output_paths, parse_budgets
 from rlkit.cli import main
 from rlkit.config import ConfigError, load_config
+from rlkit.tools.budget_eval import format_budget_table, output_paths, parse_budgets
 from rollout.budget import BudgetGuidance, GammaPredictor, PredictorConfig, save_predictor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,8 +206,8 @@ def test_guided_rows_really_get_the_processor(tiny_model_dir, eos_predictor_dir,
 
 
 def test_budget_is_written_into_prompts_when_data_budget_is_set(tiny_model_dir, tmp_path, capsys) -> None:
-    from rlkit.budget_eval import prompt_encoder
-    from rlkit.models import load_tokenizer
+    from rlkit.infra.models import load_tokenizer
+    from rlkit.tools.budget_eval import prompt_encoder
 
     cfg = load_config(ROOT / "recipes/l1_budget.yaml", _tiny(tiny_model_dir))
     tok = load_tokenizer(tiny_model_dir)
@@ -262,8 +262,8 @@ def test_train_budget_predictor_subcommand(tiny_model_dir, tmp_path, capsys) -> 
 
 def test_train_budget_predictor_from_a_recipe_uses_its_training_rows(tiny_model_dir, tmp_path, capsys) -> None:
     from rlkit.config import load_config
-    from rlkit.data import format_prompt, recipe_rows
-    from rlkit.models import apply_chat_template, load_tokenizer
+    from rlkit.infra.data import format_prompt, recipe_rows
+    from rlkit.infra.models import apply_chat_template, load_tokenizer
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"extends: {QUICKSTART}\nmodel: {{name: {tiny_model_dir}}}\n"
@@ -293,7 +293,7 @@ def test_training_rollouts_are_guided_and_counted(tiny_model_dir, eos_predictor_
     the one EOS token) and the step logs the guidance counters."""
     from test_train_e2e import tiny_overrides
 
-    from rlkit.tracking import read_metrics
+    from rlkit.infra.tracking import read_metrics
     from rlkit.trainer import Trainer
 
     ov = tiny_overrides(tiny_model_dir, tmp_path, "guided", steps=2) + [

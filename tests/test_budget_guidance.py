@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from rlkit.budget_train import (
+from rlkit.tools.budget_train import (
     build_traces,
     concise_text,
     load_completions,

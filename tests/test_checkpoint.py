@@ -1,4 +1,4 @@
-"""Tests for rlkit.checkpoint: atomic save/load, pruning, crash leftovers, RNG, tied weights."""
+"""Tests for rlkit.infra.checkpoint: atomic save/load, pruning, crash leftovers, RNG, tied weights."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from rlkit.checkpoint import (
+from rlkit.infra.checkpoint import (
     capture_rng_state,
     export_hf,
     latest_checkpoint,
@@ -180,7 +180,7 @@ def test_tied_and_shared_weights_save(tmp_path: Path) -> None:
 
 def test_torch_save_fallback_without_safetensors(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import rlkit.checkpoint as ck_mod
+    import rlkit.infra.checkpoint as ck_mod
 
     monkeypatch.setattr(ck_mod, "_safetensors_available", lambda: False)
     w = torch.randn(3, 3)

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from rlkit.cli import main
-from rlkit.compare import compare_runs, format_markdown
+from rlkit.tools.compare import compare_runs, format_markdown
 
 
 def _run(tmp_path, name, advantage, acc_after, tokens_after, shapers=()):

@@ -1,4 +1,4 @@
-"""Tests for rlkit.data: file/HF sources, bad-row handling, splits, the cursor, prompt formatting."""
+"""Tests for rlkit.infra.data: file/HF sources, bad-row handling, splits, the cursor, prompt formatting."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlkit.data import (
+from rlkit.infra.data import (
     DataError,
     PromptCursor,
     format_prompt,

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from rlkit.data import DataError, load_rows
-from rlkit.generators import evaluate_terms, generate_arithmetic
+from rlkit.infra.data import DataError, load_rows
+from rlkit.infra.generators import evaluate_terms, generate_arithmetic
 
 HAS_REASONING_GYM = importlib.util.find_spec("reasoning_gym") is not None
 

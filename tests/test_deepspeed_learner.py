@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlkit.batch import build_batch
 from rlkit.config import load_config
 from rlkit.learner.deepspeed import (
     DistributedInitError,
@@ -25,6 +24,7 @@ from rlkit.learner.deepspeed import (
     free_port,
     init_process_group,
 )
+from rlkit.loop.batch import build_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 LR = 1e-3
@@ -157,7 +157,7 @@ def test_two_ranks_equal_the_torch_learner(tiny_model_dir, ray_session, tmp_path
         assert _get(group.entropy_stats.remote(0.8)) == pytest.approx(ref.entropy_stats(0.8), rel=1e-5)
 
         # resume: the pre-step checkpoint through disk, restored, the step redone -> the same weights
-        from rlkit.checkpoint import load_checkpoint, save_checkpoint
+        from rlkit.infra.checkpoint import load_checkpoint, save_checkpoint
 
         save_checkpoint(tmp_path, 1, **ckpt)
         _get(group.load_checkpoint_state.remote(load_checkpoint(tmp_path)))
@@ -261,7 +261,7 @@ def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_rlkit_train_with_two_zero3_ranks(tiny_model_dir, tmp_path):
-    from rlkit.tracking import read_metrics
+    from rlkit.infra.tracking import read_metrics
 
     args = [
         "train", str(ROOT / "recipes/quickstart.yaml"), f"model.name={tiny_model_dir}", f"output_dir={tmp_path}",

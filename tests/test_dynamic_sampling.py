@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rlkit.config import ConfigError, load_config
-from rlkit.experience import Group, keep_informative
+from rlkit.loop.experience import Group, keep_informative
 
 
 def _group(correct: list[float], rewards: list[float]) -> Group:

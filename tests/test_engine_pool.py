@@ -149,7 +149,7 @@ def test_trainer_survives_an_engine_killed_during_a_step(tiny_model_dir, ray_ses
     logged, i.e. during step 2; the run finishes and logs one restart."""
     import ray
 
-    from rlkit.tracking import read_metrics
+    from rlkit.infra.tracking import read_metrics
     from rlkit.trainer import Trainer
 
     root = Path(__file__).resolve().parent.parent

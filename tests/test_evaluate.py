@@ -2,7 +2,7 @@
 
 import pytest
 
-from rlkit.evaluate import format_table, pass_at_k
+from rlkit.tools.evaluate import format_table, pass_at_k
 
 
 def test_pass_at_k_hand_numbers():

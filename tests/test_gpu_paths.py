@@ -45,7 +45,7 @@ def test_cuda_ipc_sync_after_a_deepspeed_step_on_one_gpu(tiny_model_dir, ray_gpu
     from test_weight_sync import CONTS, PREFIXES
     from test_weight_sync import _assert_engines_match_learner as engines_match_learner
 
-    from rlkit.batch import build_batch
+    from rlkit.loop.batch import build_batch
     from rlkit.orchestration.ray_actors import spawn_actors
 
     cfg = load_config(None, [f"model.name={tiny_model_dir}", *ONE_GPU, "learner.lr=5e-2",
@@ -78,7 +78,7 @@ def test_train_colocated_on_one_gpu(tiny_model_dir, ray_gpu, tmp_path):
     """Two steps of the quickstart through the Trainer with the learner and the engine on one GPU."""
     from test_train_e2e import ROOT, tiny_overrides
 
-    from rlkit.tracking import read_metrics
+    from rlkit.infra.tracking import read_metrics
     from rlkit.trainer import Trainer
 
     cfg = load_config(ROOT / "recipes/quickstart.yaml", [

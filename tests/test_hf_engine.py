@@ -247,7 +247,7 @@ def test_load_weights_changes_outputs_and_version(tiny_model_dir: str,
 def test_lora_engine_takes_adapter_tensors(tiny_model_dir: str, prompt_ids: list[list[int]]) -> None:
     from peft import get_peft_model, get_peft_model_state_dict
 
-    from rlkit.models import load_model, lora_config
+    from rlkit.infra.models import load_model, lora_config
 
     lora = {"rank": 4, "alpha": 8}
     eng = HFEngine(tiny_model_dir, lora=lora)
@@ -280,7 +280,7 @@ def test_qwen2_arch_and_sleep_wake(tiny_qwen_dir: str, prompt_ids: list[list[int
 
 @pytest.mark.slow
 def test_smollm2_chat_greedy(smollm2_dir: str) -> None:
-    from rlkit.models import apply_chat_template, load_tokenizer
+    from rlkit.infra.models import apply_chat_template, load_tokenizer
 
     tok = load_tokenizer(smollm2_dir)
     eng = HFEngine(smollm2_dir, num_threads=2)

@@ -16,7 +16,13 @@ import torch
 from rlkit.algorithms import ADVANTAGES, AdvantageInputs, compute_entropy_h
 from rlkit.algorithms.spae import find_step_boundaries, pad_steps
 from rlkit.cli import main
-from rlkit.inspector import available_steps, load_step_dump, render_html, render_inspect, write_step_dump
+from rlkit.tools.inspector import (
+    available_steps,
+    load_step_dump,
+    render_html,
+    render_inspect,
+    write_step_dump,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

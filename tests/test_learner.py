@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlkit.batch import build_batch
 from rlkit.config import load_config
 from rlkit.learner.torch_learner import TorchLearner, lr_lambda
+from rlkit.loop.batch import build_batch
 from rollout.engine import RolloutRequest, SamplingParams
 from rollout.hf import HFEngine
 
@@ -191,7 +191,7 @@ def test_dmmpt_positives_are_correct_samples_not_positive_advantages(tiny_model_
     above its group's mean); DMMPT must not mask it: positives are the samples the accuracy
     verifier scored correct (``correct_B``, set by make_batch)."""
     from rlkit.config import load_config as load
-    from rlkit.experience import Group, make_batch
+    from rlkit.loop.experience import Group, make_batch
     from rollout.engine import Completion
 
     _, comps, _ = _rollout(tiny_model_dir)

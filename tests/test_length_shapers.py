@@ -68,7 +68,7 @@ def test_dapo_overlong_worked_example() -> None:
     ctx = _ctx([16000, 16384, 18432, 20480], [1, 1, 0, 1], max_len=20480)
     assert shaper.terms(ctx) == _approx([0.0, 0.0, -0.5, -1.0])
     assert shaper(ctx) == _approx([1.0, 1.0, -0.5, 0.0])
-    # the plain function keeps its API (used by rlkit.experience)
+    # the plain function keeps its API (used by rlkit.loop.experience)
     assert dapo_overlong_penalty(18432, max_len=20480, buffer_len=4096, penalty_factor=0.5) == pytest.approx(-0.25)
 
 

@@ -11,7 +11,7 @@ import pytest
 from test_train_e2e import DETERMINISTIC, KILL_STEP, ROOT, _run_cli, assert_same_metrics, tiny_overrides
 
 from rlkit.config import load_config
-from rlkit.tracking import read_metrics
+from rlkit.infra.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ METHODS = {
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_method_trains_logs_and_inspects(tiny_model_dir, tmp_path, method):
-    from rlkit.inspector import render_inspect
+    from rlkit.tools.inspector import render_inspect
     from rlkit.trainer import Trainer
 
     recipe, extra, prefix = METHODS[method]
@@ -51,7 +51,7 @@ def test_method_trains_logs_and_inspects(tiny_model_dir, tmp_path, method):
         # step 2 sampled with the adaptive temperature built from step 1's learner entropies
         import torch
 
-        from rlkit.checkpoint import latest_checkpoint, load_checkpoint
+        from rlkit.infra.checkpoint import latest_checkpoint, load_checkpoint
 
         state = load_checkpoint(latest_checkpoint(tmp_path / method))
         stats = state["trainer_state"]["sampler_stats"]

@@ -1,4 +1,4 @@
-"""rlkit.models: name resolution, tokenizer/model loading, LoRA wrapping, tiny models."""
+"""rlkit.infra.models: name resolution, tokenizer/model loading, LoRA wrapping, tiny models."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from rlkit import models
-from rlkit.models import (
+from rlkit.infra import models
+from rlkit.infra.models import (
     CHATML_TEMPLATE,
     apply_chat_template,
     load_model,
@@ -113,7 +113,7 @@ def test_load_tokenizer_fallbacks(tiny_model_dir: str, tmp_path: Path,
     raw.save_pretrained(str(tmp_path))
     for f in tmp_path.glob("chat_template.*"):
         f.unlink()
-    with caplog.at_level(logging.WARNING, logger="rlkit.models"):
+    with caplog.at_level(logging.WARNING, logger="rlkit.infra.models"):
         tok = load_tokenizer(str(tmp_path))
     assert tok.pad_token == tok.eos_token == "<|im_end|>"
     assert tok.chat_template == CHATML_TEMPLATE
@@ -155,7 +155,7 @@ def test_adapter_dir_resolves_to_a_merged_model_once(tiny_model_dir: str, tmp_pa
     """A LoRA run's ``final/`` as ``model.name``: merged into its base once, same logits as base + adapter."""
     import torch
 
-    from rlkit.checkpoint import export_hf
+    from rlkit.infra.checkpoint import export_hf
 
     torch.manual_seed(0)
     peft_model = load_model(tiny_model_dir, lora={"rank": 4, "alpha": 8, "dropout": 0.0})

@@ -120,7 +120,7 @@ def test_hub_model_ids_resolve_through_the_hub_cache(monkeypatch):
     """A Hub id is fetched with huggingface_hub (here: offline, nothing cached -> a clear error)."""
     import huggingface_hub.constants as hub_constants
 
-    from rlkit.models import resolve_model_path
+    from rlkit.infra.models import resolve_model_path
 
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # read at call time (is_offline_mode)
     with pytest.raises(FileNotFoundError, match=r"model\.name='no-such-org/no-such-model': not a local directory, "
@@ -232,7 +232,7 @@ def test_train_on_an_existing_ray_cluster(tiny_model_dir, tmp_path):
                                 *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert train.returncode == 0, train.stderr[-3000:]
         assert f"Connecting to existing Ray cluster at address: 127.0.0.1:{port}" in train.stderr
-        from rlkit.tracking import read_metrics
+        from rlkit.infra.tracking import read_metrics
 
         assert [m["step"] for m in read_metrics(tmp_path / "joined")] == [1]
         assert head.poll() is None, "the cluster must outlive the job"

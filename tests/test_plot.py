@@ -1,4 +1,4 @@
-"""Tests for rlkit.plot: PNG curves from metrics.jsonl."""
+"""Tests for rlkit.tools.plot: PNG curves from metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from rlkit.plot import ema, plot_run, series  # noqa: E402
-from rlkit.tracking import Tracker  # noqa: E402
+from rlkit.infra.tracking import Tracker  # noqa: E402
+from rlkit.tools.plot import ema, plot_run, series  # noqa: E402
 
 
 def _write_run(run_dir: Path, n: int, keys: dict[str, float]) -> None:

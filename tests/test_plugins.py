@@ -44,7 +44,7 @@ def test_the_plugin_method_trains_through_rlkit_train(tiny_model_dir, tmp_path):
     loss (``actor/plugin_calls`` is reported from there)."""
     from test_train_e2e import _run_cli, tiny_overrides
 
-    from rlkit.tracking import read_metrics
+    from rlkit.infra.tracking import read_metrics
 
     args = ["train", str(RECIPE), *tiny_overrides(tiny_model_dir, tmp_path, "plugin", steps=2), "eval.after=false"]
     res = _run_cli(args)

@@ -12,7 +12,7 @@ import pytest
 from rewards import RewardManager, VerifierSpec, resolve
 from rewards.gym import extract_gym_answer
 from rlkit.config import ConfigError, load_config
-from rlkit.data import recipe_rows
+from rlkit.infra.data import recipe_rows
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 SWITCH = ["data.source=reasoning_gym", "data.generator={task: spell_backward, n: 40}", "data.eval_size=8"]

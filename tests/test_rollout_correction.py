@@ -69,7 +69,7 @@ def test_trainer_logs_mismatch_and_trains_with_the_correction(tiny_model_dir, tm
     measured mismatch is ~0 and nothing needs correcting."""
     from test_train_e2e import tiny_overrides
 
-    from rlkit.tracking import read_metrics
+    from rlkit.infra.tracking import read_metrics
     from rlkit.trainer import Trainer
 
     ov = tiny_overrides(tiny_model_dir, tmp_path, mode, steps=2) + [

@@ -361,8 +361,8 @@ def test_hf_sais_and_pois_under_changing_weights(engine) -> None:
     """Weights change every round: SAIS log-probs of segment k equal the scores under version k;
     POIS (whole sequence under the current weights, the learner's forward) agrees with SAIS on
     the last segment only."""
-    from rlkit.batch import build_batch
     from rlkit.learner.torch_learner import response_logprobs
+    from rlkit.loop.batch import build_batch
 
     base = {k: v.clone() for k, v in engine.model.state_dict().items()}
     snapshots: dict[int, dict[str, torch.Tensor]] = {}

@@ -1,6 +1,6 @@
 """Segment rollout (UloRL, spec §5) in the trainer: config, collect, sibling context, kill -9 + resume.
 
-The in-process tests drive :class:`rlkit.segment_collect.SegmentRollout` with the real
+The in-process tests drive :class:`rlkit.methods.segments.SegmentRollout` with the real
 ``rollout.hf.HFEngine`` on the tiny random model (no Ray). The slow test runs
 ``recipes/ulorl_segments.yaml`` through the real CLI and Ray: an uninterrupted run against one
 SIGKILLed in the middle of step 3 and resumed; the samples handed to training
@@ -17,7 +17,7 @@ import torch
 from test_train_e2e import DETERMINISTIC, KILL_STEP, ROOT, _run_cli, assert_same_metrics, tiny_overrides
 
 from rlkit.config import ConfigError, load_config
-from rlkit.experience import Group, make_batch
+from rlkit.loop.experience import Group, make_batch
 
 RECIPE = ROOT / "recipes/ulorl_segments.yaml"
 SEG_OVERRIDES = ["engine.max_new_tokens=16", "segments.seg_len=4", "engine.stop=[e]"]
@@ -83,9 +83,9 @@ def hf(tiny_model_dir):
 
 
 def _rollout(cfg, engine, run_dir=None):
-    from rlkit.data import PromptCursor, format_prompt, load_rows
-    from rlkit.models import apply_chat_template
-    from rlkit.segment_collect import SegmentRollout
+    from rlkit.infra.data import PromptCursor, format_prompt, load_rows
+    from rlkit.infra.models import apply_chat_template
+    from rlkit.methods.segments import SegmentRollout
 
     rows, _ = load_rows("arithmetic", generator_kwargs={"n": 40, "max_value": 9}, seed=0)
     cursor = PromptCursor(len(rows), 0)
@@ -104,7 +104,7 @@ def test_collect_groups_rewards_and_restore(tiny_model_dir, hf, tmp_path, mode):
     """Groups carry whole multi-segment responses; truncated -> reward 0; a restored rollout
     (scheduler + cursor state) continues with exactly the samples the original would produce."""
     from rewards import RewardManager
-    from rlkit.segment_collect import read_segment_log
+    from rlkit.methods.segments import read_segment_log
 
     extra = ["algorithm.dynamic_sampling.enabled=false"] + (["segments.group_mode=siblings"] if mode == "siblings" else [])
     cfg = _cfg(tiny_model_dir, tmp_path, *extra)
@@ -151,15 +151,15 @@ def test_collect_groups_rewards_and_restore(tiny_model_dir, hf, tmp_path, mode):
 
 
 def _final_pools(run_dir):
-    from rlkit.checkpoint import latest_checkpoint, load_checkpoint
+    from rlkit.infra.checkpoint import latest_checkpoint, load_checkpoint
 
     return load_checkpoint(latest_checkpoint(run_dir))["trainer_state"]["segments"]
 
 
 @pytest.mark.slow
 def test_segments_train_kill9_resume_loses_and_repeats_nothing(tiny_model_dir, tmp_path):
-    from rlkit.segment_collect import read_segment_log
-    from rlkit.tracking import read_metrics
+    from rlkit.infra.tracking import read_metrics
+    from rlkit.methods.segments import read_segment_log
 
     def args(name):
         return ["train", str(RECIPE), *tiny_overrides(tiny_model_dir, tmp_path, name), *SEG_OVERRIDES,

@@ -21,7 +21,7 @@ from rlkit.algorithms.spae import (
     step_potential,
     think_region_length,
 )
-from rlkit.probes import (
+from rlkit.methods.step_probes import (
     ProbeParams,
     ProbeResult,
     TokenTexts,
@@ -330,7 +330,7 @@ PROBE = ProbeParams(step_suffixes=(".",))
 
 def _groups(engine) -> list:
     """Two prompt groups: sampled responses plus one hand-written response with steps."""
-    from rlkit.experience import Group
+    from rlkit.loop.experience import Group
 
     tok = engine.tokenizer
     prompts = [tok.encode("What is 5+7?"), tok.encode("Ann has 12 pens.")]
@@ -343,7 +343,7 @@ def _groups(engine) -> list:
 
 
 def test_probes_end_to_end_one_call_per_kind(engine) -> None:
-    from rlkit.batch import build_batch
+    from rlkit.loop.batch import build_batch
 
     groups = _groups(engine)
     counting = CountingEngine(engine)
@@ -371,7 +371,7 @@ def test_probes_end_to_end_one_call_per_kind(engine) -> None:
 
 def test_probe_values_match_direct_model_computation(engine) -> None:
     """Acc = mean_m p(y*_m | h, y*_<m) by a plain forward; Conf from the same seeded samples."""
-    from rlkit.experience import step_seed
+    from rlkit.loop.experience import step_seed
 
     tok = engine.tokenizer
     prompt = tok.encode("What is 5+7?")

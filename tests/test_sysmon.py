@@ -4,7 +4,7 @@ import subprocess
 import sys
 import time
 
-from rlkit.sysmon import MemoryMonitor, tree_memory
+from rlkit.infra.sysmon import MemoryMonitor, tree_memory
 
 _CHILD = "import sys,time; b=bytearray(256<<20); b[::4096]=b'x'*len(b[::4096]); print('ok',flush=True); time.sleep(60)"
 

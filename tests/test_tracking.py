@@ -1,4 +1,4 @@
-"""Tests for rlkit.tracking: JSONL sinks, NaN handling, resume truncation, TensorBoard."""
+"""Tests for rlkit.infra.tracking: JSONL sinks, NaN handling, resume truncation, TensorBoard."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlkit.tracking import Tracker, read_metrics, to_float, truncate_metrics
+from rlkit.infra.tracking import Tracker, read_metrics, to_float, truncate_metrics
 
 
 def _lines(path: Path) -> list[dict]:

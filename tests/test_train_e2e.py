@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rlkit.config import load_config
-from rlkit.tracking import read_metrics
+from rlkit.infra.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

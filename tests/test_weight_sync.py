@@ -176,7 +176,7 @@ def _assert_engines_match_learner(pool, learner, version: int, atol: float = 1e-
     """Each engine holds ``version`` and scores the fixed continuations like the learner."""
     import ray
 
-    from rlkit.batch import build_batch
+    from rlkit.loop.batch import build_batch
 
     lp = torch.as_tensor(ray.get(learner.compute_logprobs.remote(build_batch(PREFIXES, CONTS, pad_id=0)))).cpu()
     for a in pool.actors:
@@ -267,7 +267,7 @@ def test_collective_sync_from_two_zero3_ranks(tiny_model_dir, ray_session):
     """DeepSpeed ZeRO-3 (every parameter partitioned): both ranks gather each bucket, rank 0 broadcasts."""
     import ray
 
-    from rlkit.batch import build_batch
+    from rlkit.loop.batch import build_batch
     from rlkit.orchestration.ray_actors import spawn_actors
 
     cfg = load_config(None, [f"model.name={tiny_model_dir}", "learner.name=deepspeed", "learner.num_ranks=2",
@@ -323,7 +323,7 @@ def test_sync_verification_catches_a_corrupted_tensor(tiny_model_dir, ray_sessio
 def test_trainer_verifies_syncs_and_logs_the_difference(tiny_model_dir, tmp_path):
     from test_train_e2e import tiny_overrides
 
-    from rlkit.tracking import read_metrics
+    from rlkit.infra.tracking import read_metrics
     from rlkit.trainer import Trainer
 
     ov = tiny_overrides(tiny_model_dir, tmp_path, "verify", steps=2) + ["eval.after=false", "cluster.verify_sync_every=1"]

@@ -9,7 +9,7 @@ tokens get ``A^sum`` relative to the other summaries of the same summary prompt.
 This module holds the math: the budget prior, the summary-prompt plan on token ids, per-budget
 rewards, both advantages, and the registered advantage ``brpo`` with its params (the rollout
 settings, :class:`AnytimeParams`, plus the advantage's own). Sampling the summaries through the
-engines lives in :mod:`rlkit.anytime`; the training step's glue in :mod:`rlkit.anytime_collect`.
+engines lives in :mod:`rlkit.methods.anytime`; the training step's glue in :mod:`rlkit.methods.anytime`.
 
 Departures from ``sail-sg/AnytimeReasoner`` (all behaviour-neutral for the gradients):
 - summaries are separate batch rows whose prompt holds the thinking prefix, instead of one tree
@@ -406,7 +406,7 @@ class BRPOParams(AnytimeParams):
     discount: float = 2.0
 
     # read by the trainer (no name branching): this estimator needs the AnytimeReasoner rollout
-    # (summaries of the truncated thinking, rlkit.anytime_collect) and its thinking sampling params
+    # (summaries of the truncated thinking, rlkit.methods.anytime) and its thinking sampling params
     needs_anytime_rollout: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -433,7 +433,7 @@ EXTRAS_DOC = """
 - ``brpo_budget_index_B``: long [B], budget index ``j`` of a summary row.
 
 Summary rows' scores are ``inp.rewards_B``; thinking rows' ``inp.group_ids_B`` are prompt groups.
-``rlkit.anytime.brpo_rows`` builds all of them.
+``rlkit.methods.anytime.brpo_rows`` builds all of them.
 """
 
 

@@ -1,7 +1,7 @@
 """SPAE: Step Potential Advantage Estimation (spec §2) — step segmentation and the advantage math.
 
 Pure functions, torch only (no tokenizer, no engine). Probing the policy at step boundaries, which
-needs an engine, lives in :mod:`rlkit.probes`; it fills the ``AdvantageInputs.extras`` keys read
+needs an engine, lives in :mod:`rlkit.methods.step_probes`; it fills the ``AdvantageInputs.extras`` keys read
 by the ``spae`` estimator:
 
 - ``spae_boundaries_BK``: long [B, K], response-relative positions of the step-boundary tokens,
@@ -219,7 +219,7 @@ class SPAEParams:
     standardize: bool = True
     std_unbiased: bool = False
 
-    # read by the trainer (no name branching): this estimator needs rlkit.probes.probe_groups
+    # read by the trainer (no name branching): this estimator needs rlkit.methods.step_probes.probe_groups
     needs_step_probes: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -237,7 +237,7 @@ def _read_extras(inp: AdvantageInputs) -> tuple[Tensor, Tensor, Tensor]:
     missing = [k for k in (EXTRA_BOUNDARIES, EXTRA_ACC, EXTRA_CONF) if k not in inp.extras]
     if missing:
         raise KeyError(
-            f"spae advantage needs AdvantageInputs.extras {missing}; run rlkit.probes.probe_groups "
+            f"spae advantage needs AdvantageInputs.extras {missing}; run rlkit.methods.step_probes.probe_groups "
             "(or run_step_probes) and pass ProbeResult.extras() into the advantage inputs"
         )
     B, T = inp.response_mask_BT.shape

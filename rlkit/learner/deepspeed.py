@@ -37,8 +37,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlkit.batch import TrainBatch, pad_to
-from rlkit.config import AlgorithmConfig, DeepSpeedConfig, LearnerConfig, ModelConfig, TrainConfig
 from rlkit.learner.torch_learner import (
     aggregation_counts,
     batch_mean_entropy,
@@ -51,6 +49,8 @@ from rlkit.learner.torch_learner import (
     response_logprobs,
     run_train_step,
 )
+from rlkit.loop.batch import TrainBatch, pad_to
+from rlkit.schema import AlgorithmConfig, DeepSpeedConfig, LearnerConfig, ModelConfig, TrainConfig
 from rollout.engine import bucket_indices  # noqa: F401  (re-exported: weight-sync buckets)
 from rollout.weight_transfer import DistributedInitError, rendezvous_store
 
@@ -97,7 +97,7 @@ def build_ds_config(lc: LearnerConfig, model_cfg: ModelConfig, world_size: int) 
     ``engine.step()`` applies the gradients of all backward calls since the last step, however many
     micro-batches a mini-batch had. Clipping uses the same rule as ``clip_grad_norm_``.
     """
-    from rlkit.config import deep_merge
+    from rlkit.compose import deep_merge
 
     ds: DeepSpeedConfig = lc.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage, "overlap_comm": False, "contiguous_gradients": True}
@@ -203,7 +203,7 @@ class DeepSpeedLearner:
         """Load the model (+ LoRA), wrap it with a torch AdamW in a DeepSpeed engine."""
         import deepspeed
 
-        from rlkit.models import load_model
+        from rlkit.infra.models import load_model
 
         hf_ds = None
         if self.stage == 3:  # from_pretrained then builds the weights already partitioned
@@ -468,7 +468,7 @@ class DeepSpeedLearner:
         tokenizer (collective: ZeRO-3 gathers the weights)."""
         sd = self._gathered(self._trainable_names() if self.lora else None)
         if self.rank == 0:
-            from rlkit.models import load_tokenizer
+            from rlkit.infra.models import load_tokenizer
 
             os.makedirs(out_dir, exist_ok=True)
             self.module.save_pretrained(out_dir, state_dict=sd)

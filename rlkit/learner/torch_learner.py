@@ -27,8 +27,8 @@ from rlkit.algorithms import (
     kl_penalty,
     rollout_correction,
 )
-from rlkit.batch import TrainBatch, pad_to
-from rlkit.config import AlgorithmConfig, LearnerConfig, ModelConfig, TrainConfig
+from rlkit.loop.batch import TrainBatch, pad_to
+from rlkit.schema import AlgorithmConfig, LearnerConfig, ModelConfig, TrainConfig
 from rollout.hf_cache import cache_kwargs, output_cache
 from rollout.sampling import unique_rows
 
@@ -307,7 +307,7 @@ class TorchLearner:
         train_cfg: TrainConfig,
         seed: int = 0,
     ) -> None:
-        from rlkit.models import load_model
+        from rlkit.infra.models import load_model
 
         torch.manual_seed(seed)
         if learner_cfg.num_threads:
@@ -445,8 +445,8 @@ class TorchLearner:
 
     def export(self, out_dir: str, tokenizer_path: str) -> str:
         """Write a plain HF model dir (full FT) or a PEFT adapter dir (LoRA), with the tokenizer."""
-        from rlkit.checkpoint import export_hf
-        from rlkit.models import load_tokenizer
+        from rlkit.infra.checkpoint import export_hf
+        from rlkit.infra.models import load_tokenizer
 
         export_hf(self.model, load_tokenizer(tokenizer_path), out_dir)
         return out_dir

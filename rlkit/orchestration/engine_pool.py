@@ -2,7 +2,7 @@
 
 Every engine call of the trainer (rollouts, SPAE probes, segment rollouts, evaluation, weight sync)
 goes through :class:`EnginePool`. Requests are sharded round-robin over the engines (request i goes
-to engine ``i % E``, as :func:`rlkit.experience.generate` always did). When an engine actor dies in
+to engine ``i % E``, as :func:`rlkit.loop.experience.generate` always did). When an engine actor dies in
 the middle of a call (``RayActorError``: process killed, OOM, node lost), the pool
 
 1. recreates it with the same constructor arguments in the same placement slot,
@@ -28,6 +28,7 @@ completions the dead engine would have returned.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -278,6 +279,17 @@ class EnginePool:
 
     def wake(self) -> None:
         self.run([Call(k, "wake", ()) for k in range(len(self.actors))])
+
+    @contextlib.contextmanager
+    def lending_memory(self, cfg: Any):
+        """While the learner trains: with ``cluster.placement=colocated`` on GPUs the engines sleep
+        (release their accelerator memory) and wake afterwards; otherwise nothing happens."""
+        swap = cfg.cluster.placement == "colocated" and cfg.cluster.engine_gpus > 0
+        if swap:
+            self.sleep()
+        yield
+        if swap:
+            self.wake()
 
     def metrics(self) -> dict[str, float]:
         """``cluster/actor_restarts`` (engines recreated so far in this process) and the last restart's cost."""

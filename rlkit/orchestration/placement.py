@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from rlkit.config import Config
+    from rlkit.schema import Config
 
 ROLES = ("engines", "learner")
 

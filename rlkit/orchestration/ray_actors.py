@@ -15,7 +15,7 @@ import time
 import warnings
 from typing import Any
 
-from rlkit.config import Config
+from rlkit.schema import Config
 
 
 def init_ray(cfg: Config) -> None:
@@ -88,7 +88,7 @@ class RolloutWorker:
         self.engine = get_engine_class(engine_name)(model_path, **engine_kwargs)
         self._guidance = None
         if guidance:
-            from rlkit.budget_eval import attach_budget_guidance
+            from rlkit.methods.budget_guidance import attach_budget_guidance
 
             self._guidance = attach_budget_guidance(self.engine, guidance, guidance_params)
         from rlkit.orchestration.weight_sync import EngineSyncEndpoint
@@ -368,6 +368,17 @@ def spawn_deepspeed_learner(cfg: Config, model_path: str, threads: int | None,
     return group
 
 
+def engine_kwargs(cfg: Config, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Constructor keyword arguments of the configured engine (+ ``extra``: the stages' own)."""
+    kw: dict[str, Any] = {"dtype": cfg.model.dtype, "max_batch_size": cfg.engine.max_batch_size, "seed": cfg.seed}
+    if cfg.model.lora.rank > 0:
+        kw["lora"] = cfg.model.lora.model_dump()
+    if cfg.engine.name == "vllm":  # rollout.vllm.VLLMEngine keyword arguments
+        kw.update(cfg.engine.vllm.model_dump())
+    kw.update(extra or {})
+    return kw
+
+
 def engine_specs(cfg: Config, model_path: str, engine_kwargs: dict[str, Any], placement: Any) -> list:
     """One :class:`EngineSpec` per engine slot of ``placement`` (GPU engines: ``device=cuda`` / TP size)."""
     from rlkit.orchestration.engine_pool import EngineSpec
@@ -436,3 +447,18 @@ def sync_weights(learner, engines, version: int) -> float:
     ref = learner.state_for_sync.remote()
     ray.get([e.load_weights.remote(ref, version) for e in engines])
     return time.perf_counter() - t0
+
+
+def release(cfg: Config, learner: Any, engines: Any) -> None:
+    """The end of a run: stop the local Ray, or (a joined cluster, ``cluster.address``) release this
+    run's actors and placement groups and leave the cluster up."""
+    import ray
+
+    if ray.is_initialized() and not cfg.cluster.address:
+        ray.shutdown()
+    elif ray.is_initialized() and engines is not None:
+        if hasattr(learner, "shutdown"):
+            learner.shutdown()
+        else:
+            ray.kill(learner)
+        engines.shutdown()

@@ -26,7 +26,7 @@ def verify_sync(pool: Any, learner: Any, step: int, tol: float) -> dict[str, flo
     :class:`SyncVerificationError` naming the engine and the step when it exceeds ``tol``."""
     import ray
 
-    from rlkit.batch import build_batch
+    from rlkit.loop.batch import build_batch
 
     batch = build_batch(PROBE_PREFIXES, PROBE_CONTINUATIONS, pad_id=0)
     ref = ray.get(learner.compute_logprobs.remote(batch))
@@ -40,3 +40,13 @@ def verify_sync(pool: Any, learner: Any, step: int, tol: float) -> dict[str, flo
             f"from the learner (> cluster.verify_sync_tol={tol:g}; engines: "
             f"{', '.join(f'{d:.2g}' for d in diffs)}): its weights are not the learner's")  # fmt: skip
     return {"sync/logprob_max_abs_diff": diffs[worst]}
+
+
+def verify_or_stop(pool: Any, learner: Any, step: int, tol: float, run_dir: Any) -> dict[str, float]:
+    """:func:`verify_sync`; a failure names the last checkpoint to resume from."""
+    from rlkit.infra.checkpoint import latest_checkpoint
+
+    try:
+        return verify_sync(pool, learner, step, tol)
+    except SyncVerificationError as e:
+        raise SyncVerificationError(f"{e}; stopping. Last checkpoint: {latest_checkpoint(run_dir) or 'none'}") from None

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from rlkit.config import ClusterConfig
+from rlkit.schema import ClusterConfig
 from rollout.weight_transfer import (
     SyncGroup,
     device_uuid,

@@ -7,7 +7,6 @@ special-cased: the advantage estimator comes from the registry by name.
 
 from __future__ import annotations
 
-import hashlib
 import statistics
 import time
 from collections.abc import Callable
@@ -17,15 +16,15 @@ from typing import Any
 import torch
 
 from rlkit.algorithms import ADVANTAGES, AdvantageInputs, dynamic_sampling_keep_B, overlong_filter_mask
-from rlkit.batch import TrainBatch, build_batch
-from rlkit.config import Config
+from rlkit.common import stable_seed
+from rlkit.loop.batch import TrainBatch, build_batch
+from rlkit.schema import Config
 from rollout.engine import Completion, RolloutRequest, SamplingParams
 
 
 def step_seed(seed: int, *parts: int) -> int:
     """A stable 31-bit seed for (run seed, step, round...): resumed runs sample the same tokens."""
-    h = hashlib.sha256(repr((seed, *parts)).encode()).digest()
-    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+    return stable_seed(seed, *parts)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Accuracy vs token budget, with and without budget guidance (issue 4, spec §4.4).
+"""Accuracy vs token budget, with and without budget guidance (docs/algorithms.md §4.4).
 
 ``rlkit eval RECIPE_OR_RUN --budgets 64,128,256 [--guidance DIR]`` runs, for every budget ``b``:
 
@@ -8,12 +8,10 @@
 
 When the config writes budgets into prompts (``data.budget``, L1-style training), both modes write
 ``b`` into the prompt too, so the run is evaluated the way it was trained. Results are one record
-per (mode, budget) with the fields of :func:`rlkit.evaluate.evaluate_rows`, written as JSON with an
-accuracy-vs-mean-tokens PNG (:func:`rlkit.plot.plot_budget_curve`).
+per (mode, budget) with the fields of :func:`rlkit.tools.evaluate.evaluate_rows`, written as JSON with an
+accuracy-vs-mean-tokens PNG (:func:`rlkit.tools.plot.plot_budget_curve`).
 
-Also here: the glue that turns ``model.budget_guidance`` into a processor on an engine
-(:func:`attach_budget_guidance`, used by ``RolloutWorker`` and the CLI), so ``rollout`` stays free
-of config code.
+The glue that turns a predictor into a processor on an engine is :mod:`rlkit.methods.budget_guidance`.
 """
 
 from __future__ import annotations
@@ -27,12 +25,8 @@ from typing import Any
 
 __all__ = [
     "MODES",
-    "attach_budget_guidance",
-    "build_guidance",
-    "check_predictor_dir",
     "evaluate_budgets",
     "format_budget_table",
-    "guidance_params",
     "output_paths",
     "parse_budgets",
     "prompt_encoder",
@@ -41,80 +35,6 @@ __all__ = [
 
 MODES = ("unguided", "guided")
 REPORT_NAME = "eval_budgets"
-
-
-# ----------------------------------------------------------------------------- guidance glue
-
-
-def guidance_params(overrides: Mapping[str, Any] | None, base: Any = None) -> Any:
-    """``rollout.budget.GuidanceParams`` from ``base`` (default: the class defaults) + ``overrides``.
-
-    Unknown keys raise ``ValueError`` naming the nearest field (``model.budget_guidance_params``).
-    """
-    import dataclasses
-
-    from rewards.length import build_dataclass
-    from rollout.budget import GuidanceParams
-
-    kw = dict(overrides or {})
-    if "trigger_strings" in kw:
-        ts = kw["trigger_strings"]
-        kw["trigger_strings"] = (ts,) if isinstance(ts, str) else tuple(ts)
-    start = dataclasses.asdict(base) if base is not None else {}
-    return build_dataclass(GuidanceParams, {**start, **kw}, "model.budget_guidance_params")
-
-
-def check_predictor_dir(path: str | Path) -> Path:
-    """The predictor dir, or ``FileNotFoundError`` saying how to train one."""
-    from rollout.budget import CONFIG_FILE, WEIGHTS_FILE
-
-    root = Path(path)
-    if not (root / CONFIG_FILE).is_file() or not (root / WEIGHTS_FILE).is_file():
-        what = "does not exist" if not root.exists() else f"has no {CONFIG_FILE} + {WEIGHTS_FILE}"
-        raise FileNotFoundError(
-            f"budget predictor dir {str(root)!r} {what}; train one with "
-            f"`rlkit train-budget-predictor --model MODEL --out {root}`"
-        )
-    return root
-
-
-def build_guidance(engine: Any, path: str | Path, params: Mapping[str, Any] | None = None) -> Any:
-    """A :class:`rollout.budget.BudgetGuidance` for ``engine``'s model from the predictor at ``path``.
-
-    Guidance params: those saved with the predictor, then ``params``. Checks that the predictor
-    was trained for this model's shapes (hidden size, layers + 1, vocab) before any decoding.
-    """
-    from rollout.budget import BudgetGuidance, load_predictor
-
-    root = check_predictor_dir(path)
-    if not hasattr(engine, "logits_processors") or not hasattr(engine, "tokenizer"):
-        raise ValueError(f"budget guidance needs an engine with logits processors and hidden states "
-                         f"(engine.name=hf); {type(engine).__name__} has none")
-    predictor, meta = load_predictor(root, getattr(engine, "device", "cpu"))
-    model = engine.model
-    want = (int(model.config.hidden_size), int(model.config.num_hidden_layers) + 1,
-            int(model.get_output_embeddings().weight.shape[0]))
-    c = predictor.cfg
-    if (c.d_model, c.num_hidden_states, c.vocab_size) != want:
-        raise ValueError(
-            f"budget predictor {str(root)!r} was trained for another model: it reads (d_model, layers+1, "
-            f"vocab) = {(c.d_model, c.num_hidden_states, c.vocab_size)}, this model has {want} "
-            f"(predictor base model: {meta.get('base_model', '?')})"
-        )
-    saved = meta.get("guidance", {})
-    base = guidance_params(saved)
-    return BudgetGuidance(predictor, engine.tokenizer, guidance_params(params, base))
-
-
-def attach_budget_guidance(engine: Any, path: str | Path, params: Mapping[str, Any] | None = None) -> Any:
-    """Append budget guidance, last, to ``engine.logits_processors``; returns the processor.
-
-    It acts only on requests carrying a budget (``RolloutRequest.budget``), so unbudgeted
-    requests decode exactly as before (at the cost of the hidden-state outputs).
-    """
-    proc = build_guidance(engine, path, params)
-    engine.logits_processors.append(proc)
-    return proc
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -146,8 +66,8 @@ def parse_budgets(text: str) -> list[int]:
 def prompt_encoder(cfg: Any, tokenizer: Any) -> Callable[[dict, int | None], list[int]]:
     """``encode(row, budget) -> prompt ids``: the config's prompt, with ``budget`` written in by
     the ``data.budget`` template when the config has one (``max`` phrasing if ``max_prob > 0.5``)."""
-    from rlkit.data import format_prompt
-    from rlkit.models import apply_chat_template
+    from rlkit.infra.data import format_prompt
+    from rlkit.infra.models import apply_chat_template
 
     d = cfg.data
     bp = None
@@ -219,7 +139,7 @@ def evaluate_budgets(
     for the guided mode only; None runs the unguided mode alone. ``budget_in_prompt``: call
     ``encode(row, b)`` (budget text in the prompt) instead of ``encode(row, None)``.
     """
-    from rlkit.evaluate import evaluate_rows
+    from rlkit.tools.evaluate import evaluate_rows
     from rollout.budget import BudgetGuidance
 
     modes = list(MODES if guidance is not None else MODES[:1])
@@ -283,7 +203,7 @@ def write_budget_report(
     records: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], json_path: Path, png_path: Path,
 ) -> tuple[Path, Path]:
     """Write ``{**meta, "records": records}`` as JSON and the accuracy-vs-tokens PNG."""
-    from rlkit.plot import plot_budget_curve
+    from rlkit.tools.plot import plot_budget_curve
 
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({**meta, "records": list(records)}, indent=2))

@@ -177,7 +177,7 @@ def _merged_adapter(adapter_dir: Path, cache_dir: str | None) -> Path:
     def build(tmp: Path) -> None:
         from peft import PeftModel
 
-        from rlkit.checkpoint import export_hf
+        from rlkit.infra.checkpoint import export_hf
 
         base = resolve_model_path(base_name, cache_dir)
         model = PeftModel.from_pretrained(load_model(base), str(adapter_dir))

@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from rlkit.tracking import METRICS_FILE, read_metrics
+from rlkit.infra.tracking import METRICS_FILE, read_metrics
 
 __all__ = ["plot_run", "plot_budget_curve", "series", "ema"]
 

@@ -2,7 +2,7 @@
 
 :class:`SegmentRollout` owns a :class:`rollout.segments.SegmentScheduler` fed by the trainer's data
 cursor and engines. Each step it returns the same ``(kept groups, all groups, metrics)`` triple as
-:func:`rlkit.experience.collect`, so the rest of the step (advantages, update, sync) is unchanged:
+:func:`rlkit.loop.experience.collect`, so the rest of the step (advantages, update, sync) is unchanged:
 
     sched.step()               rounds of <= seg_len new tokens until prompts_per_step groups finished
     score_groups               the verifiers see the whole response (decoded from all segments)
@@ -32,8 +32,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rlkit import experience as X
-from rlkit.config import Config
+from rlkit.loop import experience as X
+from rlkit.methods.base import Stage, register_stage
+from rlkit.schema import Config
 from rollout.segments import (
     SegmentBatch,
     SegmentConfig,
@@ -101,7 +102,7 @@ class SegmentRollout:
     def open_log(self, start_step: int) -> None:
         """Drop log lines of steps after the restored checkpoint (``step > start_step``)."""
         if self.log_path is not None:
-            from rlkit.tracking import truncate_metrics
+            from rlkit.infra.tracking import truncate_metrics
 
             truncate_metrics(self.log_path, start_step + 1)
 
@@ -194,4 +195,61 @@ def read_segment_log(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-__all__ = ["LOG_FILE", "SegmentRollout", "read_segment_log", "segment_config", "token_digest"]
+@register_stage("segments")
+class SegmentsStage(Stage):
+    """UloRL segment rollout (``segments.enabled``): replaces the collector; its pools are
+    checkpointed with the stage."""
+
+    collects = True
+
+    @classmethod
+    def enabled(cls, cfg: Any) -> bool:
+        return bool(cfg.segments.enabled)
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        if not cls.enabled(cfg):
+            return
+        c = cfg
+        s, a = c.segments, c.algorithm
+        seg_len, max_len = s.resolved_seg_len(c.engine.max_new_tokens), c.engine.max_new_tokens
+        if seg_len > max_len:
+            raise ValueError(f"segments.seg_len={seg_len} must be <= engine.max_new_tokens={max_len} "
+                             "(the global max response length)")
+        if s.importance == "sais" and a.old_logprobs != "rollout":
+            raise ValueError("segments.importance=sais divides by each segment's behaviour log-probs: "
+                             f"set algorithm.old_logprobs=rollout (got {a.old_logprobs!r})")
+        if s.importance == "pois" and a.old_logprobs == "rollout":
+            raise ValueError("segments.importance=pois recomputes old log-probs with the current policy: "
+                             "set algorithm.old_logprobs=auto or recompute (got 'rollout')")
+        if s.max_inflight_groups is not None and s.max_inflight_groups < c.train.prompts_per_step:
+            raise ValueError(f"segments.max_inflight_groups={s.max_inflight_groups} must be >= "
+                             f"train.prompts_per_step={c.train.prompts_per_step}, else a step may never fill")
+        if s.group_mode == "siblings" and a.dynamic_sampling.enabled:
+            raise ValueError("segments.group_mode=siblings does not combine with algorithm.dynamic_sampling "
+                             "(a partial group's reward variance is unknown); use group_mode=complete")
+        if c.data.budget is not None or c.engine.adaptive_temperature.enabled:
+            raise ValueError("segments.enabled does not support data.budget or engine.adaptive_temperature yet "
+                             "(segment requests carry no per-request budget or logits processors)")
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        self.rollout = SegmentRollout(
+            ctx.cfg, lambda reqs: ctx.engines.generate(reqs)[0], ctx.cursor, ctx.rows, ctx.encode,
+            lambda ids: ctx.tokenizer.decode(ids, skip_special_tokens=True), ctx.run_dir,
+        )
+
+    def start(self, start_step: int) -> None:
+        self.rollout.open_log(start_step)
+
+    def collect(self, step: int, shaping: Any):
+        return self.rollout.collect(step, self.ctx.manager, shaping=shaping, acc_key=self.ctx.acc_key)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.rollout.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        self.rollout.load_state_dict(state)
+
+
+__all__ = ["LOG_FILE", "SegmentRollout", "SegmentsStage", "read_segment_log", "segment_config", "token_digest"]

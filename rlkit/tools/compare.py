@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from rlkit.tracking import read_metrics
+from rlkit.infra.tracking import read_metrics
 
 __all__ = ["compare_runs", "format_markdown", "plot_compare"]
 
@@ -107,7 +107,7 @@ def format_markdown(rows: list[dict[str, Any]], baseline: int = 0) -> str:
 
 def plot_compare(run_dirs: list[str | Path], out: str | Path) -> Path:
     """Overlay the runs' training reward, accuracy and response length per step in one PNG."""
-    from rlkit.plot import _draw, _finish, _new_figure, _save, series
+    from rlkit.tools.plot import _draw, _finish, _new_figure, _save, series
 
     fig, axes = _new_figure(1, len(CURVES), size=(5 * len(CURVES), 3.8))
     recs = {Path(d).name: read_metrics(d) for d in run_dirs}

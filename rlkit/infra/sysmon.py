@@ -87,3 +87,10 @@ class MemoryMonitor:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def report_peak(self, print_fn) -> dict[str, float]:
+        """Print the run's peak memory; returns it rounded, for the run summary."""
+        mem = self.metrics()
+        print_fn(f"peak memory (this process + Ray workers): PSS {mem['sys/mem_pss_peak_gib']:.2f} GiB"
+                 f" (summed RSS {mem['sys/mem_rss_peak_gib']:.2f} GiB)")
+        return {"pss": round(mem["sys/mem_pss_peak_gib"], 3), "rss_sum": round(mem["sys/mem_rss_peak_gib"], 3)}

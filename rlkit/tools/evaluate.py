@@ -10,7 +10,7 @@ import math
 import statistics
 from collections.abc import Callable
 
-from rlkit.config import Config
+from rlkit.schema import Config
 from rollout.engine import Completion, RolloutRequest
 
 
@@ -40,7 +40,7 @@ def evaluate_rows(
     """
     from rewards import resolve
     from rewards.format import has_boxed
-    from rlkit.experience import sampling_params
+    from rlkit.loop.experience import sampling_params
 
     e = cfg.eval
     n = e.num_samples

@@ -1,6 +1,6 @@
 """Train the budget-guidance predictor (spec §4.3) on the model's own completions.
 
-    python -m rlkit.budget_train --model smollm2-135m-instruct --out runs/budget_predictor
+    python -m rlkit.tools.budget_train --model smollm2-135m-instruct --out runs/budget_predictor
     rlkit train-budget-predictor --recipe recipes/quickstart.yaml --out runs/budget_predictor_smollm2
 
 Pipeline: prompts from a prompt source (default: the built-in arithmetic generator) -> sampled
@@ -197,8 +197,8 @@ def train_budget_predictor(
     instead of sampling. Returns (and writes as ``train_summary.json``) counts, timings and
     NLL / mode-MAE on train and held-out prompts before and after training.
     """
-    from rlkit.data import format_prompt, load_rows
-    from rlkit.models import apply_chat_template, load_tokenizer, resolve_model_path
+    from rlkit.infra.data import format_prompt, load_rows
+    from rlkit.infra.models import apply_chat_template, load_tokenizer, resolve_model_path
     from rollout.hf import HFEngine
 
     if num_prompts < 2:
@@ -321,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
     model, rows, template, system = args.model or "smollm2-135m-instruct", None, args.prompt_template, None
     if args.recipe:
         from rlkit.config import load_config
-        from rlkit.data import recipe_rows
+        from rlkit.infra.data import recipe_rows
 
         cfg = load_config(args.recipe)
         model = args.model or cfg.model.name
@@ -343,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rlkit.budget_train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rlkit.tools.budget_train", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from rlkit.generators import generate_arithmetic, generate_reasoning_gym
+from rlkit.infra.generators import generate_arithmetic, generate_reasoning_gym
 
 __all__ = [
     "DataError", "load_rows", "register_source", "split_rows", "PromptCursor", "format_prompt",
@@ -406,3 +406,16 @@ def format_prompt(
     if system_prompt is not None and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
+
+
+def load_run_rows(cfg: Any) -> tuple[list[Row], list[Row], Any]:
+    """``(train rows, held-out rows, load stats)`` of a run's ``data`` section."""
+    d = cfg.data
+    rows, stats = load_rows(
+        d.source, path=d.path, split=d.split, prompt_key=d.prompt_key, answer_key=d.answer_key,
+        on_bad_row=d.on_bad_row, generator_kwargs=d.generator, seed=cfg.seed, limit=d.limit,
+    )
+    train, held_out = split_rows(rows, d.eval_size, cfg.seed)
+    if not train:
+        raise ValueError("no training rows left after the eval split; lower data.eval_size")
+    return train, held_out, stats

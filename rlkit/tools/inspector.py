@@ -377,7 +377,7 @@ def _row_stats(vals: list) -> str:
 
 # --------------------------------------------------------------------------------------- HTML
 
-from rlkit.inspector_assets import CSS, JS  # noqa: E402  (page assets)
+from rlkit.tools.inspector_assets import CSS, JS  # noqa: E402  (page assets)
 
 
 def _script_json(obj: Any) -> str:

@@ -4,7 +4,7 @@ For every step boundary ``b`` of response ``i`` (see :func:`rlkit.algorithms.spa
 the probe context is ``h = prompt_ids + response[:b+1] + tokens(p_probe)`` with
 ``p_probe = "**Final Answer**\\n\\\\boxed{"``. Two kinds of engine work, each batched over ALL
 boundaries of the batch into ONE call per engine (requests are sharded round-robin over a list of
-engines, like :func:`rlkit.experience.generate`; on Ray actors both kinds run concurrently):
+engines, like :func:`rlkit.loop.experience.generate`; on Ray actors both kinds run concurrently):
 
 - ``generate``: N short samples per boundary (``max_new_tokens`` 10, temperature 0.6) with
   per-token entropies -> ``Conf = mean_n exp(-mean_l H_{n,l})`` (§2.2, paper form);
@@ -44,7 +44,9 @@ from rlkit.algorithms.spae import (
     find_step_boundaries,
     pad_steps,
 )
-from rlkit.experience import step_seed
+from rlkit.common import build_dataclass, stable_seed
+from rlkit.loop.experience import step_seed
+from rlkit.methods.base import Stage, register_stage
 from rollout.engine import Completion, RolloutRequest, SamplingParams
 
 
@@ -349,8 +351,8 @@ def _match_rates(per_req: list[list[Completion]], golds: list[str | None]) -> li
 
 def probe_groups(groups: Sequence[Any], engines: Any, tokenizer: Any, p: ProbeParams | None = None, *,
                  seed: int = 0, answer_key: str = "answer") -> ProbeResult:
-    """:func:`run_step_probes` over trainer groups (``rlkit.experience.Group``), rows in the order
-    :func:`rlkit.experience.make_batch` packs them (group by group, completion by completion).
+    """:func:`run_step_probes` over trainer groups (``rlkit.loop.experience.Group``), rows in the order
+    :func:`rlkit.loop.experience.make_batch` packs them (group by group, completion by completion).
 
     The gold answer of a group is ``group.row[answer_key]``.
     """
@@ -361,3 +363,37 @@ def probe_groups(groups: Sequence[Any], engines: Any, tokenizer: Any, p: ProbePa
             responses.append(c.token_ids)
             answers.append(g.row.get(answer_key))
     return run_step_probes(engines, tokenizer, prompts, responses, answers, p, seed=seed)
+
+
+@register_stage("step_probes")
+class StepProbeStage(Stage):
+    """SPAE's step probes: after scoring, each response is cut at its step boundaries and probed
+    (``algorithm.step_probe``); the estimator gets the per-step correctness and confidence."""
+
+    @classmethod
+    def enabled(cls, cfg: Any) -> bool:
+        from rlkit.algorithms import ADVANTAGES
+
+        try:
+            return bool(getattr(ADVANTAGES.get(cfg.algorithm.advantage).params, "needs_step_probes", False))
+        except KeyError:  # an unknown estimator: the registry check names it
+            return False
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        try:
+            build_dataclass(ProbeParams, cfg.algorithm.step_probe, "step_probe")
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"algorithm.step_probe: {e.args[0] if e.args else e}") from None
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        self.params = build_dataclass(ProbeParams, ctx.cfg.algorithm.step_probe, "step_probe")
+
+    def after_score(self, step: int, groups: list, extras: dict[str, Any]):
+        c = self.ctx
+        t0 = time.perf_counter()
+        res = probe_groups(groups, c.engines, c.tokenizer, self.params, seed=stable_seed(c.cfg.seed, step, 7919))
+        metrics = {k: float(v) for k, v in res.metrics.items()}
+        metrics["time/probe_s"] = time.perf_counter() - t0
+        return groups, {**extras, **res.extras()}, metrics

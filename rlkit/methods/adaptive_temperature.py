@@ -1,0 +1,47 @@
+"""HAPO adaptive-temperature sampling as a stage (``engine.adaptive_temperature.enabled``).
+
+After each update the learner reports the entropy statistics of the batch it trained on (at the
+request temperature, from the pre-update pass); the next training rollout samples every token at
+``T' = T (1 + tau h)`` with ``h`` the token's normalised entropy under those statistics
+(:mod:`rollout.adaptive_temperature`, docs/algorithms.md §3.2). The statistics are checkpointed, so
+a resumed run samples as an uninterrupted one. The first step has no statistics: plain sampling.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rlkit.methods.base import Stage, register_stage
+
+
+@register_stage("adaptive_temperature")
+class AdaptiveTemperatureStage(Stage):
+    @classmethod
+    def enabled(cls, cfg: Any) -> bool:
+        return bool(cfg.engine.adaptive_temperature.enabled)
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        self.stats: list[float] | None = None  # (m, s, scale_pos, scale_neg) of the last update
+
+    def request_meta(self, step: int) -> dict[str, Any]:
+        if self.stats is None:
+            return {}
+        from rlkit.algorithms.hapo import EntropyStats
+        from rollout.adaptive_temperature import AdaptiveTemperature
+
+        at = self.ctx.cfg.engine.adaptive_temperature
+        return {"logits_processors": [AdaptiveTemperature(EntropyStats(*self.stats), tau=at.tau)]}
+
+    def after_update(self, learner: Any) -> dict[str, float]:
+        import ray
+
+        at = self.ctx.cfg.engine.adaptive_temperature
+        self.stats = ray.get(learner.entropy_stats.remote(at.pivot, at.replicate_release_sign))
+        return {}
+
+    def state_dict(self) -> list[float] | None:
+        return self.stats
+
+    def load_state_dict(self, state: list[float] | None) -> None:
+        self.stats = state

@@ -1,0 +1,138 @@
+"""The stage protocol: how a method that needs more than an estimator and a loss joins the loop.
+
+A stage is a class with optional hooks; the trainer calls each hook of every active stage, in
+registration order, at a fixed point of the step::
+
+    engine_kwargs(cfg)            before the engines exist: extra engine arguments (class method)
+    check(cfg)                    at config time: raise ValueError naming the key (class method)
+    start(start_step)             after setup and resume
+    sampling(params, step)        the training rollout's sampling params
+    request_meta(step)            per-request extras (e.g. logits processors)
+    collect(step, shaping)        replaces the default collector (at most one active stage may)
+    after_score(step, groups, extras) -> (groups, extras, metrics)
+                                  after scoring and before advantages: add groups or estimator inputs
+    after_update(learner)         after the learner's update, before the weight sync -> metrics
+    metrics()                     once per step, after the update -> metrics
+    state_dict() / load_state_dict(state)
+                                  checkpointed under the stage's name
+
+A stage is active when its ``enabled(cfg)`` says so: built-in stages look at the config block
+that turns them on (``segments.enabled``, ``engine.adaptive_temperature.enabled``, ...); a user's
+stage (registered from a ``plugins:`` file) is active when its name is listed in ``stages:``.
+See docs/extending.md for a walkthrough.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from rlkit.common import Registry
+
+
+@dataclass
+class StageContext:
+    """What a stage may use: the run's config and the live components of the loop."""
+
+    cfg: Any  # rlkit.schema.Config
+    engines: Any  # rlkit.orchestration.engine_pool.EnginePool
+    tokenizer: Any
+    manager: Any  # rewards.RewardManager
+    cursor: Any  # rlkit.infra.data.PromptCursor
+    rows: list[dict[str, Any]]
+    encode: Callable[..., list[int]]  # (row, budget=None) -> prompt token ids
+    run_dir: Any
+    acc_key: str | None  # the verifier that says "correct"
+    log: Callable[[str], None] = print
+
+
+class Stage:
+    """Base class of every stage; each hook's default does nothing."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, ctx: StageContext) -> None:
+        self.ctx = ctx
+
+    # ------------------------------------------------------------------ class-level (no instance yet)
+    @classmethod
+    def enabled(cls, cfg: Any) -> bool:
+        return cls.name in getattr(cfg, "stages", ())
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        """Raise ``ValueError("<key>: <why>")`` for a combination this stage cannot carry."""
+
+    @classmethod
+    def engine_kwargs(cls, cfg: Any) -> dict[str, Any]:
+        return {}
+
+    # ------------------------------------------------------------------ hooks
+    collects: ClassVar[bool] = False  # True: ``collect`` replaces the default collector
+
+    def start(self, start_step: int) -> None:
+        pass
+
+    def sampling(self, params: Any, step: int) -> Any:
+        return params
+
+    def request_meta(self, step: int) -> dict[str, Any]:
+        return {}
+
+    def collect(self, step: int, shaping: Any) -> tuple[list, list, dict[str, float]]:
+        raise NotImplementedError
+
+    def after_score(self, step: int, groups: list, extras: dict[str, Any]
+                    ) -> tuple[list, dict[str, Any], dict[str, float]]:
+        return groups, extras, {}
+
+    def after_update(self, learner: Any) -> dict[str, float]:
+        return {}
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> Any:
+        return None
+
+    def load_state_dict(self, state: Any) -> None:
+        pass
+
+
+STAGES: Registry[type[Stage]] = Registry("stage")
+
+
+def register_stage(name: str) -> Callable[[type[Stage]], type[Stage]]:
+    """Class decorator: ``@register_stage("my_stage")`` makes a :class:`Stage` selectable as
+    ``stages: [my_stage]`` (or active by its own ``enabled``)."""
+
+    def deco(cls: type[Stage]) -> type[Stage]:
+        if not (isinstance(cls, type) and issubclass(cls, Stage)):
+            raise TypeError(f"@register_stage({name!r}) decorates a subclass of rlkit.methods.Stage")
+        cls.name = name
+        STAGES.add(name, cls)
+        return cls
+
+    return deco
+
+
+def active_stages(cfg: Any) -> list[type[Stage]]:
+    """The stage classes ``cfg`` turns on, in registration order; unknown ``stages:`` names and
+    two collectors are errors (``ValueError`` naming the key)."""
+    for name in getattr(cfg, "stages", ()):
+        STAGES.get(name)  # unknown name -> did-you-mean
+    classes = [cls for cls in STAGES.values() if cls.enabled(cfg)]
+    collectors = [c.name for c in classes if c.collects]
+    if len(collectors) > 1:
+        raise ValueError(f"stages {collectors} each replace the rollout collector; enable one of them")
+    return classes
+
+
+def merge_meta(metas: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-request extras of several stages: list values (logits processors) concatenate."""
+    out: dict[str, Any] = {}
+    for m in metas:
+        for k, v in m.items():
+            out[k] = [*out[k], *v] if isinstance(v, list) and isinstance(out.get(k), list) else v
+    return out
