@@ -22,8 +22,8 @@ Registered shapers (``SHAPERS.names()``):
   of correct lengths); stateful: ``state_dict()`` is JSON-serialisable and belongs in checkpoints;
 - ``budget_penalty``: ``correct - lam * max(0, len - budget) / budget`` [INFERRED, from issue 4].
 
-The framework (``LengthContext``, the registry, ``LengthShaper``, ``LengthShaping``) lives in
-:mod:`rewards.shaping` and is re-exported here.
+The framework (``LengthContext``, the registry, ``LengthShaper``) lives in :mod:`rewards.shaping`
+and is re-exported here; the pipeline (``LengthShaping``) is at the end of this module.
 
 Departure, deliberately kept: a length is the number of generated tokens *including* the EOS
 token of a response that stopped by itself (the trainer passes ``len(token_ids)``, the tokens the
@@ -35,18 +35,17 @@ budget boundary moves by one token (``budget`` answer tokens plus EOS count as o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rewards.shaping import (
     SHAPERS,
     LengthContext,
     LengthShaper,
-    LengthShaping,
     build_dataclass,
-    build_shaper,
     register_shaper,
 )
 
@@ -433,3 +432,63 @@ class HAPOHistory(LengthShaper):
         self.count = {str(k): int(v) for k, v in state.get("count", {}).items()}
 
 
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def build_shaper(name: str, params: Mapping[str, Any] | None = None) -> LengthShaper:
+    """Instantiate the shaper registered as ``name`` with ``params`` (a dict of its fields)."""
+    cls, params_cls = SHAPERS.get(name)
+    return cls(build_dataclass(params_cls, params, f"length shaper {name!r}"))
+
+
+@dataclass
+class LengthShaping:
+    """An ordered list of shapers applied after the verifiers; its state goes into checkpoints.
+
+    >>> s = LengthShaping.from_config([{"name": "l1_exact"}])
+    >>> s(LengthContext(rewards=[1.0], correct=[True], lengths=[1500], max_len=4000, budgets=[1000]))[0]
+    [0.85]
+    """
+
+    shapers: list[LengthShaper] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, specs: Sequence[Mapping[str, Any]] | None) -> LengthShaping:
+        """Build from ``[{"name": ..., "params": {...}}, ...]`` (e.g. ``reward.length_shapers``)."""
+        shapers = []
+        for i, spec in enumerate(specs or []):
+            extra = sorted(set(spec) - {"name", "params"})
+            if "name" not in spec or extra:
+                raise ValueError(
+                    f"length_shapers[{i}] must be {{name: ..., params: {{...}}}}, got keys {sorted(spec)}"
+                )
+            shapers.append(build_shaper(spec["name"], spec.get("params")))
+        return cls(shapers)
+
+    def __bool__(self) -> bool:
+        return bool(self.shapers)
+
+    def __call__(self, ctx: LengthContext) -> tuple[list[float], dict[str, float]]:
+        """Apply every shaper in order; returns (rewards_B, metrics)."""
+        metrics: dict[str, float] = {}
+        for shaper in self.shapers:
+            terms = shaper.terms(ctx)
+            metrics.update(shaper.metrics(ctx, terms))
+            shaper.update(ctx)
+            ctx = dataclasses.replace(ctx, rewards=[float(r) + t for r, t in zip(ctx.rewards, terms)])
+        return list(ctx.rewards), metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"shapers": [{"name", "state"}, ...]}``, JSON-serialisable."""
+        return {"shapers": [{"name": s.name, "state": s.state_dict()} for s in self.shapers]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = list(state.get("shapers", []))
+        names = [s.name for s in self.shapers]
+        if [e["name"] for e in saved] != names:
+            raise ValueError(
+                f"checkpoint has length shapers {[e['name'] for e in saved]} but the config has {names}; "
+                "keep reward.length_shapers unchanged when resuming"
+            )
+        for shaper, entry in zip(self.shapers, saved):
+            shaper.load_state_dict(entry["state"])

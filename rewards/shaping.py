@@ -1,22 +1,21 @@
-"""The length-shaping framework: batch context, shaper registry, base class and the ordered pipeline.
+"""The length-shaping framework: batch context, shaper registry and base class.
 
-The built-in shapers (spec §6) live in :mod:`rewards.length`, which registers them on import;
-:func:`build_shaper` imports it, so ``LengthShaping.from_config`` always sees them. Plain Python:
-no torch, no rlkit. The registry is a small torch-free twin of
-``rlkit.algorithms.registry.Registry`` (same errors), because ``rewards`` must not import
-``rlkit``/torch (DESIGN.md).
+The built-in shapers (docs/algorithms.md §6) and the ordered pipeline (``LengthShaping``,
+``build_shaper``) live in :mod:`rewards.length`, which registers the built-ins on import. Plain
+Python: no torch; the shared helpers come from :mod:`rlkit.common` (standard library only).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-__all__ = ["SHAPERS", "LengthContext", "LengthShaper", "LengthShaping", "ShaperRegistry", "build_dataclass",
-           "build_shaper", "nearest", "register_shaper"]
+from rlkit.common import build_dataclass, nearest
+
+__all__ = ["SHAPERS", "LengthContext", "LengthShaper", "ShaperRegistry", "build_dataclass", "nearest",
+           "register_shaper"]
 
 # ----------------------------------------------------------------------------- batch context
 
@@ -88,32 +87,6 @@ class LengthContext:
 S = TypeVar("S", bound="type[LengthShaper]")
 
 
-def nearest(word: str, candidates: Sequence[str]) -> str | None:
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)
-    return close[0] if close else None
-
-
-def build_dataclass(cls: type, kwargs: Mapping[str, Any] | None, what: str) -> Any:
-    """``cls(**kwargs)`` with unknown keys reported with the nearest valid field.
-
-    >>> from rewards.length import L1Params
-    >>> build_dataclass(L1Params, {"alpah": 1.0}, "shaper 'l1_exact'")
-    Traceback (most recent call last):
-    ...
-    ValueError: unknown parameter 'alpah' for shaper 'l1_exact'. Did you mean 'alpha'? Valid parameters: alpha, delta
-    """
-    kwargs = dict(kwargs or {})
-    fields = [f.name for f in dataclasses.fields(cls) if f.init]
-    for key in kwargs:
-        if key not in fields:
-            hint = nearest(key, fields)
-            did_you_mean = f" Did you mean {hint!r}?" if hint else ""
-            raise ValueError(
-                f"unknown parameter {key!r} for {what}.{did_you_mean} Valid parameters: {', '.join(fields) or '(none)'}"
-            )
-    return cls(**kwargs)
-
-
 class ShaperRegistry:
     """Name -> (shaper class, params dataclass); duplicate names raise, unknown ones suggest."""
 
@@ -157,14 +130,6 @@ def register_shaper(name: str, params: type) -> Callable[[S], S]:
     return SHAPERS.register(name, params)
 
 
-def build_shaper(name: str, params: Mapping[str, Any] | None = None) -> LengthShaper:
-    """Instantiate the shaper registered as ``name`` with ``params`` (a dict of its fields)."""
-    import rewards.length  # noqa: F401  (registers the built-in shapers)
-
-    cls, params_cls = SHAPERS.get(name)
-    return cls(build_dataclass(params_cls, params, f"length shaper {name!r}"))
-
-
 class LengthShaper:
     """Base class: subclasses implement :meth:`terms` (and stateful ones :meth:`update`)."""
 
@@ -198,56 +163,3 @@ class LengthShaper:
 
 
 # ----------------------------------------------------------------------------- pipeline
-
-
-@dataclass
-class LengthShaping:
-    """An ordered list of shapers applied after the verifiers; its state goes into checkpoints.
-
-    >>> s = LengthShaping.from_config([{"name": "l1_exact"}])
-    >>> s(LengthContext(rewards=[1.0], correct=[True], lengths=[1500], max_len=4000, budgets=[1000]))[0]
-    [0.85]
-    """
-
-    shapers: list[LengthShaper] = field(default_factory=list)
-
-    @classmethod
-    def from_config(cls, specs: Sequence[Mapping[str, Any]] | None) -> LengthShaping:
-        """Build from ``[{"name": ..., "params": {...}}, ...]`` (e.g. ``reward.length_shapers``)."""
-        shapers = []
-        for i, spec in enumerate(specs or []):
-            extra = sorted(set(spec) - {"name", "params"})
-            if "name" not in spec or extra:
-                raise ValueError(
-                    f"length_shapers[{i}] must be {{name: ..., params: {{...}}}}, got keys {sorted(spec)}"
-                )
-            shapers.append(build_shaper(spec["name"], spec.get("params")))
-        return cls(shapers)
-
-    def __bool__(self) -> bool:
-        return bool(self.shapers)
-
-    def __call__(self, ctx: LengthContext) -> tuple[list[float], dict[str, float]]:
-        """Apply every shaper in order; returns (rewards_B, metrics)."""
-        metrics: dict[str, float] = {}
-        for shaper in self.shapers:
-            terms = shaper.terms(ctx)
-            metrics.update(shaper.metrics(ctx, terms))
-            shaper.update(ctx)
-            ctx = dataclasses.replace(ctx, rewards=[float(r) + t for r, t in zip(ctx.rewards, terms)])
-        return list(ctx.rewards), metrics
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{"shapers": [{"name", "state"}, ...]}``, JSON-serialisable."""
-        return {"shapers": [{"name": s.name, "state": s.state_dict()} for s in self.shapers]}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        saved = list(state.get("shapers", []))
-        names = [s.name for s in self.shapers]
-        if [e["name"] for e in saved] != names:
-            raise ValueError(
-                f"checkpoint has length shapers {[e['name'] for e in saved]} but the config has {names}; "
-                "keep reward.length_shapers unchanged when resuming"
-            )
-        for shaper, entry in zip(self.shapers, saved):
-            shaper.load_state_dict(entry["state"])

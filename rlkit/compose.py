@@ -9,6 +9,7 @@ recipe body <- the dotted CLI overrides, taken together as one layer.
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -142,3 +143,30 @@ def parse_override(ov: str) -> dict:
     for part in reversed(key.strip().split(".")):
         out = {part: out}
     return out
+
+
+def load_plugins(raw: Any) -> Any:
+    """Import the top-level ``plugins`` (file paths made absolute, so every worker finds them), so
+    that the names they register resolve; an import error is a :class:`ConfigError` naming the
+    plugin and the failing line. Returns ``raw`` with the absolute paths."""
+    import traceback
+
+    from rewards.registry import load_plugins as import_plugins
+
+    given = (raw.get("plugins") or []) if isinstance(raw, dict) else raw.plugins
+    if not isinstance(given, list):
+        raise ConfigError(f"plugins must be a list of module names or .py paths, got {given!r}")
+    plugins = [os.path.abspath(p) if isinstance(p, str) and p.endswith(".py") else p for p in given]
+    for p in plugins:
+        try:
+            import_plugins([p])
+        except Exception as e:  # noqa: BLE001  (any error in a user's module)
+            if isinstance(e, SyntaxError):
+                where = f"{e.filename}:{e.lineno}"
+            else:
+                frame = traceback.extract_tb(e.__traceback__)[-1]
+                where = f"{frame.filename}:{frame.lineno}"
+            raise ConfigError(f"plugins: cannot import {p!r}: {type(e).__name__}: {e} ({where})") from None
+    if not isinstance(raw, dict) or not given:
+        return raw
+    return {**raw, "plugins": plugins}

@@ -20,6 +20,7 @@ from rlkit.compose import (  # noqa: F401  (re-exported: the names callers impor
     ConfigError,
     deep_merge,
     default_configs_dir,
+    load_plugins,
     merge_layer,
     nearest,
     parse_override,
@@ -121,33 +122,6 @@ def build(raw: dict) -> Config:
         raise ConfigError("invalid config:\n  " + str(e)) from None
     check_registries(cfg)
     return cfg
-
-
-def load_plugins(raw: dict | Config) -> dict | Config:
-    """Import the top-level ``plugins`` (file paths made absolute, so every worker finds them), so
-    that the names they register resolve; an import error is a :class:`ConfigError` naming the
-    plugin and the failing line. Returns ``raw`` with the absolute paths."""
-    import traceback
-
-    from rewards.registry import load_plugins as import_plugins
-
-    given = raw.plugins if isinstance(raw, Config) else raw.get("plugins") or []
-    if not isinstance(given, list):
-        raise ConfigError(f"plugins must be a list of module names or .py paths, got {given!r}")
-    plugins = [os.path.abspath(p) if isinstance(p, str) and p.endswith(".py") else p for p in given]
-    for p in plugins:
-        try:
-            import_plugins([p])
-        except Exception as e:  # noqa: BLE001  (any error in a user's module)
-            if isinstance(e, SyntaxError):
-                where = f"{e.filename}:{e.lineno}"
-            else:
-                frame = traceback.extract_tb(e.__traceback__)[-1]
-                where = f"{frame.filename}:{frame.lineno}"
-            raise ConfigError(f"plugins: cannot import {p!r}: {type(e).__name__}: {e} ({where})") from None
-    if isinstance(raw, Config) or not given:
-        return raw
-    return {**raw, "plugins": plugins}
 
 
 def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> Config:

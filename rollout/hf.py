@@ -12,12 +12,11 @@ Rows (request x sample) are sorted by context length and decoded in left-padded 
 rows share its batch. Requests may mix sampling parameters; temperature / top-k / top-p /
 max_new_tokens / stop strings are applied per row.
 
-This module must not import ``rlkit`` (engines are usable on their own).
+This module imports nothing of ``rlkit`` but :mod:`rlkit.common` (engines are usable on their own).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ from typing import Any
 
 import torch
 
+from rlkit.common import hash_seed
 from rollout.budget import HIDDEN_STATES_KEY
 from rollout.engine import Completion, RolloutRequest, SamplingParams, generation_stats, register_engine
 from rollout.hf_cache import cache_name, output_cache
@@ -129,8 +129,7 @@ def _last_hidden(res: Any) -> torch.Tensor:
 
 
 def _mix_seed(*parts: Any) -> int:
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+    return hash_seed(*parts, bits=63, algo="blake2b")
 
 
 def lora_config(lora: Mapping[str, Any]) -> Any:

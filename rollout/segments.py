@@ -39,20 +39,31 @@ Choices the paper leaves open [INFERRED, exposed as :class:`SegmentConfig` field
   ``2 * max_segments + 1`` in siblings mode.
 - Groups that became ready beyond ``train_groups`` wait (FIFO) for the next step.
 
-This module must not import ``rlkit`` (engines are usable on their own).
+This module imports nothing of ``rlkit`` but :mod:`rlkit.common` (engines are usable on their own).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from rlkit.common import hash_seed
 from rollout.engine import Completion, RolloutEngine, RolloutRequest, SamplingParams, split_per_request
+from rollout.segment_samples import (  # noqa: F401  (re-exported: the sample store, importance sampling)
+    SegmentBatch,
+    SegmentGroup,
+    SegmentSample,
+    apply_truncated_reward,
+    learner_old_logprobs_mode,
+    old_logprobs_BT,
+    pad_lists_BT,
+    to_completion,
+    token_versions_BT,
+)
 
 GenerateFn = Callable[[list[RolloutRequest]], list[Completion]]
 PromptSource = Callable[[int], list[tuple[list[int], Any]]]
@@ -60,8 +71,7 @@ STATE_FORMAT = 1
 
 
 def _seed(*parts: Any) -> int:
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+    return hash_seed(*parts, algo="blake2b")
 
 
 @dataclass(frozen=True)
@@ -117,159 +127,6 @@ class SegmentConfig:
     @property
     def inflight_cap(self) -> int:
         return self.max_inflight_groups or self.train_groups * self.max_segments
-
-
-@dataclass
-class SegmentSample:
-    """One response, possibly spanning several segments (each from one policy version).
-
-    ``token_ids``, ``logprobs`` (behaviour, per token) and ``entropies`` are the concatenation of
-    the segments; ``seg_lens[k]``/``seg_versions[k]``/``seg_texts[k]`` describe segment k.
-    ``status``: ``"running"`` | ``"stop"`` | ``"truncated"``.
-    """
-
-    uid: int
-    group_uid: int
-    sample_index: int
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    entropies: list[float] | None = None
-    seg_lens: list[int] = field(default_factory=list)
-    seg_versions: list[int] = field(default_factory=list)
-    seg_texts: list[str] = field(default_factory=list)
-    status: str = "running"
-    finished_round: int = -1
-    handed_out: bool = False
-    reward: float | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.status != "running"
-
-    @property
-    def truncated(self) -> bool:
-        return self.status == "truncated"
-
-    @property
-    def num_segments(self) -> int:
-        return len(self.seg_lens)
-
-    def token_versions(self) -> list[int]:
-        """Policy version that produced each token (len == len(token_ids))."""
-        return [v for n, v in zip(self.seg_lens, self.seg_versions) for _ in range(n)]
-
-    def segment_logprobs(self) -> list[list[float]]:
-        """Behaviour log-probs split by segment (SAIS denominators, spec §5.2)."""
-        out, start = [], 0
-        for n in self.seg_lens:
-            out.append(self.logprobs[start : start + n])
-            start += n
-        return out
-
-    def append(self, c: Completion, round_idx: int, max_len: int) -> None:
-        """Add one generated segment and update ``status``."""
-        if self.finished:
-            raise RuntimeError(f"sample {self.uid} is finished; it cannot take another segment")
-        if not c.token_ids:
-            raise RuntimeError(f"engine returned no token for sample {self.uid} (finish_reason "
-                               f"{c.finish_reason!r}); a segment must make progress")
-        if len(c.logprobs) != len(c.token_ids):
-            raise ValueError(f"sample {self.uid}: {len(c.logprobs)} logprobs for {len(c.token_ids)} tokens")
-        # entropies are kept only while every segment came with them
-        first = not self.token_ids
-        if c.entropies is None or (self.entropies is None and not first):
-            self.entropies = None
-        else:
-            self.entropies = (self.entropies or []) + [float(x) for x in c.entropies]
-        self.token_ids += list(c.token_ids)
-        self.logprobs += [float(x) for x in c.logprobs]
-        self.seg_lens.append(len(c.token_ids))
-        self.seg_versions.append(int(c.policy_version))
-        self.seg_texts.append(c.text)
-        if len(self.token_ids) > max_len:
-            raise RuntimeError(f"sample {self.uid} has {len(self.token_ids)} tokens > global_max_len {max_len}")
-        if c.finish_reason == "stop":
-            self.status, self.finished_round = "stop", round_idx
-        elif len(self.token_ids) == max_len:
-            self.status, self.finished_round = "truncated", round_idx
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in _SAMPLE_FIELDS}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SegmentSample:
-        return cls(**{k: d[k] for k in _SAMPLE_FIELDS})
-
-
-_SAMPLE_FIELDS = ("uid", "group_uid", "sample_index", "token_ids", "logprobs", "entropies", "seg_lens",
-                  "seg_versions", "seg_texts", "status", "finished_round", "handed_out", "reward")
-
-
-@dataclass
-class SegmentGroup:
-    """The G samples of one prompt. ``payload`` is the caller's (JSON-serialisable) row handle."""
-
-    group_uid: int
-    prompt_ids: list[int]
-    payload: Any
-    samples: list[SegmentSample]
-    created_round: int
-
-    @property
-    def complete(self) -> bool:
-        return all(s.finished for s in self.samples)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"group_uid": self.group_uid, "prompt_ids": self.prompt_ids, "payload": self.payload,
-                "created_round": self.created_round, "samples": [s.to_dict() for s in self.samples]}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SegmentGroup:
-        return cls(d["group_uid"], list(d["prompt_ids"]), d["payload"],
-                   [SegmentSample.from_dict(s) for s in d["samples"]], d["created_round"])
-
-
-@dataclass
-class SegmentBatch:
-    """What one step hands to training.
-
-    Attributes:
-        samples: finished samples to train on, grouped by prompt group (group order = FIFO).
-        groups: their groups (complete mode: every sample of each group is in ``samples``).
-        context: siblings mode only: ``(group_uid, reward)`` of siblings trained in earlier steps,
-            to include in the group statistics (not in the loss).
-        metrics: ``segments/*`` scalars of this step.
-    """
-
-    samples: list[SegmentSample]
-    groups: list[SegmentGroup]
-    context: list[tuple[int, float]]
-    metrics: dict[str, float]
-
-    def completions(self, decode: Callable[[list[int]], str] | None = None) -> list[Completion]:
-        """One :class:`Completion` per sample (full token/logprob lists), ``samples`` order.
-
-        ``finish_reason`` is ``"stop"`` or ``"length"`` (truncated at ``global_max_len``);
-        ``policy_version`` is the version of the last segment; ``meta`` carries ``sample_index``,
-        ``segment_uid``, ``segment_lengths``, ``segment_versions``. ``text`` is
-        ``decode(token_ids)`` if given, else the segment texts joined.
-        """
-        by_gid = {g.group_uid: g for g in self.groups}
-        return [to_completion(s, by_gid[s.group_uid].prompt_ids, decode) for s in self.samples]
-
-
-def to_completion(s: SegmentSample, prompt_ids: list[int],
-                  decode: Callable[[list[int]], str] | None = None) -> Completion:
-    """A finished :class:`SegmentSample` as an engine-style :class:`Completion`."""
-    return Completion(
-        prompt_ids=list(prompt_ids), token_ids=list(s.token_ids), logprobs=list(s.logprobs),
-        finish_reason="length" if s.truncated else "stop", group_id=s.group_uid,
-        entropies=None if s.entropies is None else list(s.entropies),
-        text=decode(s.token_ids) if decode else "".join(s.seg_texts),
-        policy_version=s.seg_versions[-1] if s.seg_versions else 0,
-        meta={"sample_index": s.sample_index, "segment_uid": s.uid, "segment_lengths": list(s.seg_lens),
-              "segment_versions": list(s.seg_versions)},
-    )
 
 
 def shard_generate(engines: Sequence[RolloutEngine]) -> GenerateFn:
@@ -523,13 +380,6 @@ class SegmentScheduler:
             self.groups[g.group_uid] = g
 
 
-from rollout.segment_is import (  # noqa: E402  (re-exported: importance sampling, §5.2)
-    apply_truncated_reward,
-    learner_old_logprobs_mode,
-    old_logprobs_BT,
-    pad_lists_BT,
-    token_versions_BT,
-)
 
 __all__ = [
     "SegmentBatch",

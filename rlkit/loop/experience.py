@@ -58,29 +58,9 @@ def sampling_params(cfg: Config, *, n: int, seed: int, greedy: bool = False, max
 
 
 def generate(engines, requests: list[RolloutRequest]) -> tuple[list[Completion], float]:
-    """Shard requests over engine actors (round-robin by request); keep request order.
-
-    ``engines``: an :class:`~rlkit.orchestration.engine_pool.EnginePool` (a dead engine is
-    recreated and its shard retried) or a list of ``RolloutWorker`` handles.
-    """
-    import ray
-
-    from rlkit.orchestration.engine_pool import EnginePool
-
-    if isinstance(engines, EnginePool):
-        return engines.generate(requests)
-    shards = [requests[i :: len(engines)] for i in range(len(engines))]
-    futs = [e.generate.remote(s) for e, s in zip(engines, shards) if s]
-    results = ray.get(futs)
-    per_req: list[list[Completion]] = [None] * len(requests)  # type: ignore[list-item]
-    for k, (comps, _secs) in enumerate(results):
-        idxs = list(range(k, len(requests), len(engines)))
-        off = 0
-        for i in idxs:
-            n = requests[i].params.n
-            per_req[i] = comps[off : off + n]
-            off += n
-    return [c for cs in per_req for c in cs], max(s for _, s in results)
+    """Sample ``requests`` on ``engines``: an :class:`~rlkit.orchestration.engine_pool.EnginePool`
+    (sharded, a dead engine recreated and its shard retried) or a ``LocalEnginePool``."""
+    return engines.generate(requests)
 
 
 def score_groups(groups: list[Group], manager, answer_columns: list[str] | None = None) -> dict[str, float]:

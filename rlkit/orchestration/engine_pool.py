@@ -108,7 +108,7 @@ class EnginePool:
     def _start(spec: EngineSpec):
         import ray
 
-        from rlkit.orchestration.ray_actors import RolloutWorker
+        from rlkit.orchestration.workers import RolloutWorker
 
         return ray.remote(RolloutWorker).options(**spec.options).remote(*spec.args)
 
