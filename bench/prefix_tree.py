@@ -1,4 +1,4 @@
-"""TEMPO advantage: rlkit's P2T prefix tree vs the reference loop of spec §1.4 (CPU).
+"""TEMPO advantage: rlkit's P2T prefix tree vs the reference loop of docs/algorithms.md §1.4 (CPU).
 
 Data: ``--groups`` prompt groups x ``--group-size`` responses x ``--length`` tokens. In each group
 response 0 is random; every later response copies the prefix of a random earlier response up to a
@@ -8,7 +8,7 @@ the group forms a realistic trie with shared prefixes of random length. Lengths 
 
 Timed on the same data:
 - ``rlkit``: ``tempo_advantage`` (the registered ``tempo`` estimator) on the whole batch;
-- ``ref-torch``: the spec §1.4 loop as the authors' verl code runs it (torch element indexing and
+- ``ref-torch``: the docs/algorithms.md §1.4 loop as the authors' verl code runs it (torch element indexing and
   ``torch.mean(torch.tensor(list))`` per token);
 - ``ref-lists``: the same loop on Python lists (the fastest form of the loop).
 The references are O(B * L * G) Python and too slow at full size, so each runs on the first
@@ -68,7 +68,7 @@ def subset(inp: AdvantageInputs, n_rows: int) -> AdvantageInputs:
 
 
 def reference_torch(R, responses, mask, index, eps=1e-6):
-    """Spec §1.4 on tensors, element by element, as the authors' verl code does."""
+    """docs/algorithms.md §1.4 on tensors, element by element, as the authors' verl code does."""
     B, L = responses.shape
     A = torch.zeros(B, L)
     groups = defaultdict(list)
@@ -93,7 +93,7 @@ def reference_torch(R, responses, mask, index, eps=1e-6):
 
 
 def reference_lists(R, responses, mask, index, eps=1e-6):
-    """Spec §1.4 on Python lists."""
+    """docs/algorithms.md §1.4 on Python lists."""
     R, ids, m, index = R.tolist(), responses.tolist(), mask.tolist(), index.tolist()
     B, L = len(ids), len(ids[0])
     A = [[0.0] * L for _ in range(B)]
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
         t_full = t_sub * a.groups / n_groups
         how = "measured" if n_groups == a.groups else (
             f"{t_sub:.2f} s measured on {n_groups}/{a.groups} groups, extrapolated linearly")
-        print(f"{name} (spec §1.4 loop): {t_full:.2f} s for the full batch ({how}); "
+        print(f"{name} (docs/algorithms.md §1.4 loop): {t_full:.2f} s for the full batch ({how}); "
               f"speed-up x{t_full / t_rlkit:.0f}; outputs agree on the subset: {agree} (max |diff| {max_err:.1e})")
         result[f"{name}_s"] = t_full
         result[f"{name}_measured_groups"] = n_groups

@@ -1,4 +1,4 @@
-"""Segment rollout (UloRL, spec §5.1) vs full-length rollout: finished samples/s and step time.
+"""Segment rollout (UloRL, docs/algorithms.md §5.1) vs full-length rollout: finished samples/s and step time.
 
 Two parts, both driving the real :class:`rollout.segments.SegmentScheduler`; "full-length" is the
 same scheduler with ``seg_len = global_max_len`` (one segment: every round runs until the

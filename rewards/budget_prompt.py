@@ -1,4 +1,4 @@
-"""Token budgets written into prompts (L1 / LCPO prompt augmentation, spec §6f). Plain Python.
+"""Token budgets written into prompts (L1 / LCPO prompt augmentation, docs/algorithms.md §6f). Plain Python.
 
 Each prompt gets a budget ``n_gold`` drawn from a configurable prior and a *kind* (``exact`` or
 ``max``), and the budget is written into the prompt with a template::

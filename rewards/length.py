@@ -1,4 +1,4 @@
-"""Length and budget shapers added to verifier rewards (spec §6). Plain Python: no torch, no rlkit.
+"""Length and budget shapers added to verifier rewards (docs/algorithms.md §6). Plain Python: no torch, no rlkit.
 
 A *length shaper* is called once per step on the whole batch, after the verifiers::
 
@@ -20,7 +20,7 @@ Registered shapers (``SHAPERS.names()``):
   kind, the paper's dual objective;
 - ``hapo_history`` (§6a) cosine/linear length reward against a per-problem history (min or mean
   of correct lengths); stateful: ``state_dict()`` is JSON-serialisable and belongs in checkpoints;
-- ``budget_penalty``: ``correct - lam * max(0, len - budget) / budget`` [INFERRED, from issue 4].
+- ``budget_penalty``: ``correct - lam * max(0, len - budget) / budget`` [INFERRED].
 
 The framework (``LengthContext``, the registry, ``LengthShaper``) lives in :mod:`rewards.shaping`
 and is re-exported here; the pipeline (``LengthShaping``) is at the end of this module.
@@ -80,7 +80,7 @@ HAPO_NULL_LEN = 100000
 def dapo_overlong_penalty(
     length: int, *, max_len: int, buffer_len: int, penalty_factor: float = 1.0
 ) -> float:
-    """DAPO soft overlong punishment (spec §6e, verl ``dapo.py``).
+    """DAPO soft overlong punishment (docs/algorithms.md §6e, verl ``dapo.py``).
 
     ``0`` while ``length <= max_len - buffer_len``, then linear down to ``-penalty_factor`` at
     ``max_len`` (and capped at ``-penalty_factor`` beyond it).
@@ -94,7 +94,7 @@ def dapo_overlong_penalty(
 
 
 def kimi_length_rewards(lengths: Sequence[int], correct: Sequence[bool]) -> list[float]:
-    """Kimi k1.5 length reward of the k responses of ONE prompt (spec §6d).
+    """Kimi k1.5 length reward of the k responses of ONE prompt (docs/algorithms.md §6d).
 
     ``lam_i = 0.5 - (len_i - min_len) / (max_len - min_len)``; ``lam_i`` if correct else
     ``min(0, lam_i)``; all 0 when every length is equal.
@@ -113,7 +113,7 @@ def kimi_length_rewards(lengths: Sequence[int], correct: Sequence[bool]) -> list
 
 
 def l1_exact_reward(correct: bool, n_y: int, n_gold: int, alpha: float = 0.0003) -> float:
-    """L1-Exact (spec §6f Eq. 1): ``1[correct] - alpha * |n_gold - n_y|``.
+    """L1-Exact (docs/algorithms.md §6f Eq. 1): ``1[correct] - alpha * |n_gold - n_y|``.
 
     >>> round(l1_exact_reward(True, 1500, 1000), 4)
     0.85
@@ -122,7 +122,7 @@ def l1_exact_reward(correct: bool, n_y: int, n_gold: int, alpha: float = 0.0003)
 
 
 def l1_max_reward(correct: bool, n_y: int, n_gold: int, alpha: float = 0.0003, delta: float = 0.5) -> float:
-    """L1-Max (spec §6f Eq. 2): ``1[correct] * clip(alpha * (n_gold - n_y) + delta, 0, 1)``.
+    """L1-Max (docs/algorithms.md §6f Eq. 2): ``1[correct] * clip(alpha * (n_gold - n_y) + delta, 0, 1)``.
 
     >>> round(l1_max_reward(True, 500, 1000), 4)
     0.65
@@ -143,11 +143,11 @@ def hapo_length_reward(
     tolerance: float = 0.1,
     correct_floor: float = -0.7,
 ) -> float:
-    """HAPO ``r_len`` of one response against the problem's history ``h_q`` (spec §6a).
+    """HAPO ``r_len`` of one response against the problem's history ``h_q`` (docs/algorithms.md §6a).
 
     ``history`` None (or outside ``(0, 100000)``) is HAPO's Null and gives 0. Cosine:
     ``x = cos(L/h * pi/2)`` if ``L < 2h`` else ``-1``; ``max(correct_floor, x)`` when correct,
-    ``min(0, x)`` otherwise. Linear: see spec §6a (tolerance band ``[h, (1+tol) h)`` gives 0).
+    ``min(0, x)`` otherwise. Linear: see docs/algorithms.md §6a (tolerance band ``[h, (1+tol) h)`` gives 0).
     The weight ``w_lr`` is applied by the shaper, not here.
 
     >>> [round(hapo_length_reward(n, c, 300), 4) for n, c in [(150, 1), (450, 1), (450, 0), (700, 0)]]
@@ -189,7 +189,7 @@ class DAPOOverlongParams:
 
 @register_shaper("dapo_overlong", DAPOOverlongParams)
 class DAPOOverlong(LengthShaper):
-    """DAPO soft overlong punishment added to the reward (spec §6e)."""
+    """DAPO soft overlong punishment added to the reward (docs/algorithms.md §6e)."""
 
     def terms(self, ctx: LengthContext) -> list[float]:
         p = self.params
@@ -237,7 +237,7 @@ class KimiParams:
 
 @register_shaper("kimi", KimiParams)
 class KimiLength(LengthShaper):
-    """Kimi k1.5 group length penalty, weighted by the warm-up schedule (spec §6d)."""
+    """Kimi k1.5 group length penalty, weighted by the warm-up schedule (docs/algorithms.md §6d)."""
 
     def terms(self, ctx: LengthContext) -> list[float]:
         w = self.params.weight_at(ctx.step)
@@ -277,7 +277,7 @@ def _l1_term(kind: str, c: bool, n: int, b: int, p: L1Params) -> float:
 
 @register_shaper("l1_exact", L1Params)
 class L1Exact(LengthShaper):
-    """L1-Exact: ``r = 1[correct] - alpha |n_gold - n_y|`` (spec §6f Eq. 1)."""
+    """L1-Exact: ``r = 1[correct] - alpha |n_gold - n_y|`` (docs/algorithms.md §6f Eq. 1)."""
 
     def terms(self, ctx: LengthContext) -> list[float]:
         budgets = ctx.need_budgets(self.name)
@@ -289,7 +289,7 @@ class L1Exact(LengthShaper):
 
 @register_shaper("l1_max", L1Params)
 class L1Max(LengthShaper):
-    """L1-Max: ``r = 1[correct] clip(alpha (n_gold - n_y) + delta, 0, 1)`` (spec §6f Eq. 2)."""
+    """L1-Max: ``r = 1[correct] clip(alpha (n_gold - n_y) + delta, 0, 1)`` (docs/algorithms.md §6f Eq. 2)."""
 
     def terms(self, ctx: LengthContext) -> list[float]:
         budgets = ctx.need_budgets(self.name)
@@ -360,7 +360,7 @@ class HAPOHistoryParams:
 
 @register_shaper("hapo_history", HAPOHistoryParams)
 class HAPOHistory(LengthShaper):
-    """HAPO history-aware length reward (spec §6a). The batch is scored against the *old* history,
+    """HAPO history-aware length reward (docs/algorithms.md §6a). The batch is scored against the *old* history,
     then the history absorbs this batch's correct lengths.
 
     State (JSON-serialisable): ``{"mode", "h": {problem: length}, "count": {problem: n}}``;

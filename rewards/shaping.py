@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from rlkit.common import build_dataclass, nearest
+from rlkit.common import Registry, build_dataclass, nearest
 
 __all__ = ["SHAPERS", "LengthContext", "LengthShaper", "ShaperRegistry", "build_dataclass", "nearest",
            "register_shaper"]
@@ -87,39 +87,25 @@ class LengthContext:
 S = TypeVar("S", bound="type[LengthShaper]")
 
 
-class ShaperRegistry:
+class ShaperRegistry(Registry):
     """Name -> (shaper class, params dataclass); duplicate names raise, unknown ones suggest."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, tuple[type[LengthShaper], type]] = {}
+        super().__init__("length shaper")
 
     def register(self, name: str, params: type) -> Callable[[S], S]:
         if not dataclasses.is_dataclass(params):
             raise TypeError(f"params of length shaper {name!r} must be a dataclass type")
 
         def deco(cls: S) -> S:
-            if name in self._entries:
-                raise ValueError(f"length shaper {name!r} is already registered")
-            self._entries[name] = (cls, params)
+            self.add(name, (cls, params))
             cls.name = name
             return cls
 
         return deco
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
-
-    def get(self, name: str) -> tuple[type[LengthShaper], type]:
-        if name not in self._entries:
-            hint = nearest(name, self.names())
-            did_you_mean = f" Did you mean {hint!r}?" if hint else ""
-            raise KeyError(
-                f"unknown length shaper {name!r}.{did_you_mean} Valid names: {', '.join(self.names())}"
-            )
-        return self._entries[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return sorted(super().names())
 
 
 SHAPERS = ShaperRegistry()

@@ -145,7 +145,7 @@ def _cmd_train_budget_predictor(argv: list[str]) -> int:
     from rlkit.tools.budget_train import add_arguments, run
 
     ap = argparse.ArgumentParser(prog="rlkit train-budget-predictor",
-                                 description="Train the budget-guidance predictor (spec §4.3) on the model's "
+                                 description="Train the budget-guidance predictor (docs/algorithms.md §4.3) on the model's "
                                              "own completions; writes budget_predictor.{json,safetensors}.")
     add_arguments(ap)
     try:

@@ -8,7 +8,6 @@ recipe body <- the dotted CLI overrides, taken together as one layer.
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -21,9 +20,7 @@ class ConfigError(ValueError):
     """A configuration problem, reported with the dotted key at fault."""
 
 
-def nearest(name: str, options: list[str] | tuple[str, ...]) -> str | None:
-    m = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return m[0] if m else None
+from rlkit.common import nearest  # noqa: E402,F401  (re-exported: the config errors' did-you-mean)
 
 
 def default_configs_dir() -> Path:

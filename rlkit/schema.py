@@ -67,7 +67,7 @@ class DataConfig(_Section):
 
 
 class AdaptiveTemperatureConfig(_Section):
-    """HAPO adaptive temperature (spec §3.2): T' = T (1 + tau * h_hat) from last step's entropy stats."""
+    """HAPO adaptive temperature (docs/algorithms.md §3.2): T' = T (1 + tau * h_hat) from last step's entropy stats."""
 
     enabled: bool = False
     tau: float = Field(0.05, ge=0.0, lt=1.0, description="temperature_tau.")
@@ -329,7 +329,7 @@ class ClusterConfig(_Section):
 
 
 class SegmentsConfig(_Section):
-    """UloRL segment rollout (spec §5.1-5.2): decode at most ``seg_len`` new tokens per sample per step
+    """UloRL segment rollout (docs/algorithms.md §5.1-5.2): decode at most ``seg_len`` new tokens per sample per step
     and carry unfinished samples (resumed from their full prefix) into the next step.
 
     ``engine.max_new_tokens`` is the global max response length (UloRL: 128K in 8 x 16K segments).
@@ -374,9 +374,9 @@ class Config(_Section):
         "the driver and in every learner and engine worker: your own estimators, losses, loss masks, length "
         "shapers, verifiers and data sources, selected by name."
     )
-    stages: list[str] = Field(
-        default_factory=list, description="Extra method stages by registered name (a plugin's "
-        "@register_stage); the built-in ones turn on with their own config block.",
+    stages: list[str | dict[str, Any]] = Field(
+        default_factory=list, description="Extra method stages (a plugin's @register_stage): a name or "
+        "{name: ..., params: {...}}; the built-in stages turn on with their own config block.",
     )
     name: str = Field("run", description="Run name; the run dir is output_dir/name.")
     output_dir: str = "runs"

@@ -1,4 +1,4 @@
-"""HAPO adaptive-temperature sampling as a ``rollout.sampling`` logits processor (spec §3.2).
+"""HAPO adaptive-temperature sampling as a ``rollout.sampling`` logits processor (docs/algorithms.md §3.2).
 
 At every decode step, for each row: ``H`` = entropy of the logits at the row's request
 temperature ``T`` (``logits / T``, the scale on which the learner measured its statistics),
@@ -42,7 +42,7 @@ def logits_entropy(logits_BV: torch.Tensor) -> torch.Tensor:
 def normalized_entropy(
     entropy_B: torch.Tensor, stats: Sequence[float], eps: float = SAMPLING_EPS
 ) -> torch.Tensor:
-    """Sampling-time ĥ (spec §3.2 step 2-3): ``h = (log max(H, eps) - m)/(s + eps)``, then
+    """Sampling-time ĥ (docs/algorithms.md §3.2 step 2-3): ``h = (log max(H, eps) - m)/(s + eps)``, then
     ``h·scale_pos`` if ``h > 0`` else ``h·scale_neg``, clamped to [-1, 1]. (B,) -> (B,)."""
     median, std, scale_pos, scale_neg = (float(x) for x in stats)
     h_B = (torch.log(entropy_B.float().clamp_min(eps)) - median) / (std + eps)
@@ -68,7 +68,7 @@ def adapted_temperature(
 
 
 class AdaptiveTemperature:
-    """HAPO adaptive temperature as a picklable ``LogitsProcessor`` (spec §3.2).
+    """HAPO adaptive temperature as a picklable ``LogitsProcessor`` (docs/algorithms.md §3.2).
 
     Args:
         stats: ``(median, std, scale_pos, scale_neg)`` from the previous training step

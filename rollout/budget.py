@@ -1,4 +1,4 @@
-"""Budget guidance (spec §4): a Gamma remaining-length predictor and guided sampling.
+"""Budget guidance (docs/algorithms.md §4): a Gamma remaining-length predictor and guided sampling.
 
 A small network reads every hidden state of the frozen LM at the current position (embedding
 output + each layer, stacked as a sequence over layers) and predicts, for every candidate next

@@ -1,4 +1,4 @@
-"""Training the budget-guidance predictor (spec §4.3): features from the frozen LM, the Gamma NLL
+"""Training the budget-guidance predictor (docs/algorithms.md §4.3): features from the frozen LM, the Gamma NLL
 loss, the fit loop and its metrics. The model and the guided sampling live in :mod:`rollout.budget`;
 the data-generating command in ``rlkit.tools.budget_train``.
 """

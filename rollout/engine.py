@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from rlkit.common import Registry
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -98,6 +100,22 @@ def split_per_request(requests: list[RolloutRequest], completions: list[Completi
     return out
 
 
+def round_robin(n: int, engines: int) -> list[list[int]]:
+    """Item ``i`` goes to engine ``i % engines``: each engine's item indices, in order."""
+    return [list(range(k, n, engines)) for k in range(engines)]
+
+
+def reassemble(requests: list[RolloutRequest], shards: list[list[int]],
+               results: list[list[Completion]]) -> list[Completion]:
+    """Flat completions in request order from each shard's flat completions (``shards[k]`` are the
+    request indices engine ``k`` served, ``results[k]`` what it returned)."""
+    per_req: list[list[Completion]] = [[] for _ in requests]
+    for idx, comps in zip(shards, results):
+        for i, cs in zip(idx, split_per_request([requests[i] for i in idx], comps)):
+            per_req[i] = cs
+    return [c for cs in per_req for c in cs]
+
+
 def bucket_indices(sizes: list[int], limit: int) -> list[list[int]]:
     """Consecutive groups of indices whose ``sizes`` sum to at most ``limit`` (an oversized item
     gets a bucket of its own). ``[3, 3, 5, 1], 6 -> [[0, 1], [2, 3]]``."""
@@ -126,17 +144,14 @@ def generation_stats(completions: list[Completion], elapsed: float) -> dict[str,
     }
 
 
-_ENGINES: dict[str, Any] = {}
+_ENGINES: Registry[Any] = Registry("engine")
 
 
 def register_engine(name: str):
     """Register an engine class under ``name`` (``engine.name`` in YAML)."""
 
     def deco(cls):
-        if name in _ENGINES:
-            raise ValueError(f"engine {name!r} is already registered")
-        _ENGINES[name] = cls
-        return cls
+        return _ENGINES.add(name, cls)
 
     return deco
 
@@ -149,6 +164,4 @@ def get_engine_class(name: str):
         mod = {"hf": "rollout.hf", "vllm": "rollout.vllm"}.get(name)
         if mod is not None:
             importlib.import_module(mod)
-    if name not in _ENGINES:
-        raise KeyError(f"unknown engine {name!r}; registered: {sorted(_ENGINES)}")
-    return _ENGINES[name]
+    return _ENGINES.get(name)

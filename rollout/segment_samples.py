@@ -57,7 +57,7 @@ class SegmentSample:
         return [v for n, v in zip(self.seg_lens, self.seg_versions) for _ in range(n)]
 
     def segment_logprobs(self) -> list[list[float]]:
-        """Behaviour log-probs split by segment (SAIS denominators, spec §5.2)."""
+        """Behaviour log-probs split by segment (SAIS denominators, docs/algorithms.md §5.2)."""
         out, start = [], 0
         for n in self.seg_lens:
             out.append(self.logprobs[start : start + n])
@@ -194,7 +194,7 @@ def old_logprobs_BT(samples: Sequence[SegmentSample], importance: Literal["pois"
       policy: ``recompute()`` must return the whole sequences' log-probs under it, i.e. the
       learner's ``compute_logprobs(batch)`` before the update. With one update per step the
       torch learner's ``old_logprobs="auto"`` shortcut (``old = logprobs.detach()``) is the same
-      thing, so the ratio starts at exactly 1 (spec §5.2).
+      thing, so the ratio starts at exactly 1 (docs/algorithms.md §5.2).
     """
     if importance == "sais":
         return pad_lists_BT([s.logprobs for s in samples], T)
@@ -225,7 +225,7 @@ def token_versions_BT(samples: Sequence[SegmentSample], T: int | None = None) ->
 
 def apply_truncated_reward(rewards: Sequence[float], samples: Sequence[SegmentSample],
                            truncated_reward: float | None) -> list[float]:
-    """Rewards with truncated samples set to ``truncated_reward`` (spec §5.4: 0; None = keep)."""
+    """Rewards with truncated samples set to ``truncated_reward`` (docs/algorithms.md §5.4: 0; None = keep)."""
     if len(rewards) != len(samples):
         raise ValueError(f"{len(rewards)} rewards for {len(samples)} samples")
     if truncated_reward is None:

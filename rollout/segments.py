@@ -1,4 +1,4 @@
-"""Segment rollout (UloRL, spec §5.1-5.2): decode at most ``seg_len`` tokens per step, carry the rest.
+"""Segment rollout (UloRL, docs/algorithms.md §5.1-5.2): decode at most ``seg_len`` tokens per step, carry the rest.
 
 Long-tailed response lengths leave rollout hardware idle while the slowest sample of a batch
 finishes. The :class:`SegmentScheduler` bounds every generation *round* to ``seg_len`` new tokens
@@ -52,7 +52,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from rlkit.common import hash_seed
-from rollout.engine import Completion, RolloutEngine, RolloutRequest, SamplingParams, split_per_request
+from rollout.engine import Completion, RolloutEngine, RolloutRequest, SamplingParams
 from rollout.segment_samples import (  # noqa: F401  (re-exported: the sample store, importance sampling)
     SegmentBatch,
     SegmentGroup,
@@ -76,7 +76,7 @@ def _seed(*parts: Any) -> int:
 
 @dataclass(frozen=True)
 class SegmentConfig:
-    """Segment-rollout knobs (spec §5.1; UloRL: 128K global, 8 segments x 16K).
+    """Segment-rollout knobs (docs/algorithms.md §5.1; UloRL: 128K global, 8 segments x 16K).
 
     Attributes:
         seg_len: max new tokens a sample gets per round.
@@ -85,7 +85,7 @@ class SegmentConfig:
         train_groups: prompt groups per update (``train_batch_size``); ``train_groups * G``
             finished samples per step.
         group_mode: ``"complete"`` or ``"siblings"`` (see module docstring).
-        truncated_reward: reward of a truncated sample (spec §5.4: 0); ``None`` keeps the
+        truncated_reward: reward of a truncated sample (docs/algorithms.md §5.4: 0); ``None`` keeps the
             verifier's reward. Applied by :func:`apply_truncated_reward`.
         topup: ``"constant"`` or ``"deficit"`` new groups per round (see module docstring).
         max_inflight_groups: cap on unfinished groups; ``None`` = ``train_groups * max_segments``.
@@ -130,31 +130,15 @@ class SegmentConfig:
 
 
 def shard_generate(engines: Sequence[RolloutEngine]) -> GenerateFn:
-    """``generate`` over several in-process engines: requests balanced by row count, order kept."""
-    if not engines:
-        raise ValueError("need at least one engine")
+    """``generate`` over several in-process engines (a :class:`rollout.pool.LocalEnginePool`)."""
+    from rollout.pool import LocalEnginePool
 
-    def generate(requests: list[RolloutRequest]) -> list[Completion]:
-        load = [0] * len(engines)
-        shards: list[list[int]] = [[] for _ in engines]
-        for i, r in enumerate(requests):
-            k = min(range(len(engines)), key=load.__getitem__)
-            shards[k].append(i)
-            load[k] += r.params.n
-        per_req: list[list[Completion]] = [[] for _ in requests]
-        for eng, idx in zip(engines, shards):
-            if not idx:
-                continue
-            sub = [requests[i] for i in idx]
-            for i, cs in zip(idx, split_per_request(sub, eng.generate(sub))):
-                per_req[i] = cs
-        return [c for cs in per_req for c in cs]
-
-    return generate
+    pool = LocalEnginePool(list(engines))
+    return lambda requests: pool.generate(requests)[0]
 
 
 class SegmentScheduler:
-    """Segment rollout with an unfinished pool and an experience pool (spec §5.1).
+    """Segment rollout with an unfinished pool and an experience pool (docs/algorithms.md §5.1).
 
     Args:
         engines: a ``RolloutEngine``, a list of them (called in turn, rows balanced) or a

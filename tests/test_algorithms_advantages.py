@@ -1,4 +1,4 @@
-"""GRPO / Dr.GRPO / RLOO advantages (spec §0, §7.2): hand-computed cases and properties."""
+"""GRPO / Dr.GRPO / RLOO advantages (docs/algorithms.md §0, §7.2): hand-computed cases and properties."""
 
 from __future__ import annotations
 

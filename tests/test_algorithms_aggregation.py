@@ -1,4 +1,4 @@
-"""Loss aggregation modes (spec §0): hand-computed values and micro-batch invariance (STYLE.md #5)."""
+"""Loss aggregation modes (docs/algorithms.md §0): hand-computed values and micro-batch invariance."""
 
 from __future__ import annotations
 

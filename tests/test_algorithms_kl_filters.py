@@ -1,4 +1,4 @@
-"""KL estimators (verl kl_penalty) and DAPO sampling filters (spec §7.1)."""
+"""KL estimators (verl kl_penalty) and DAPO sampling filters (docs/algorithms.md §7.1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Policy losses: spec §7.4 worked example (DAPO, Dr.GRPO, GSPO), dual clip, gradients."""
+"""Policy losses: docs/algorithms.md §7.4 worked example (DAPO, Dr.GRPO, GSPO), dual clip, gradients."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from rlkit.algorithms import (
 F64 = torch.float64
 PAD = 5.0  # garbage log-prob on padding: must never leak into any result
 
-# Spec §7.4: resp0 A=+1, log-ratios [0.1, 0.3]; resp1 A=-1, log-ratios [-0.05, 0.2, -0.4].
+# docs/algorithms.md §7.4: resp0 A=+1, log-ratios [0.1, 0.3]; resp1 A=-1, log-ratios [-0.05, 0.2, -0.4].
 LOG_RATIOS = [[0.1, 0.3, PAD], [-0.05, 0.2, -0.4]]
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]], dtype=F64)
 ADV = torch.tensor([[1.0, 1.0, 0.0], [-1.0, -1.0, -1.0]], dtype=F64)

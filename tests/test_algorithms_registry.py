@@ -1,4 +1,4 @@
-"""Registry behaviour and import hygiene of rlkit.algorithms (STYLE.md #1, #4, #6)."""
+"""Registry behaviour and import hygiene of rlkit.algorithms."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""AnytimeReasoner / BRPO (spec §6b): prior, summary prompts, advantages, engine round trip."""
+"""AnytimeReasoner / BRPO (docs/algorithms.md §6b): prior, summary prompts, advantages, engine round trip."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from rlkit.methods.anytime import (
 )
 from rollout.engine import Completion, RolloutRequest, SamplingParams
 
-# spec §6b worked example: G = 3, S = 4, uniform p = 0.25
+# docs/algorithms.md §6b worked example: G = 3, S = 4, uniform p = 0.25
 RBAR = torch.tensor([[0, 0.5, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]], dtype=torch.float64)
 P_UNI = torch.full((4,), 0.25, dtype=torch.float64)
 # columns (Ret, V2, V1, baseline, A^BRPO, Ret - V2), exact fractions of the table's rounded values:
@@ -101,7 +101,7 @@ def test_other_variance_reductions(mode: str, baseline_col: int | None) -> None:
 
 
 def _loop_reference(rbar, probs, gids, mode):
-    """Direct transcription of spec §6b, one response and segment at a time."""
+    """Direct transcription of docs/algorithms.md §6b, one response and segment at a time."""
     N, S = rbar.shape
     p = probs / probs.sum()
     adv = torch.zeros(N, S, dtype=torch.float64)

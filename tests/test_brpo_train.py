@@ -1,4 +1,4 @@
-"""BRPO wired into training (spec §6b): batch packing, summary scoring, config, two trainer steps."""
+"""BRPO wired into training (docs/algorithms.md §6b): batch packing, summary scoring, config, two trainer steps."""
 
 from __future__ import annotations
 
@@ -193,20 +193,20 @@ def test_brpo_config_validates_before_any_model(capsys) -> None:
 def test_brpo_trains_through_the_trainer(tiny_model_dir, tmp_path, monkeypatch) -> None:
     from test_train_e2e import tiny_overrides
 
-    import rlkit.loop.experience as X
     from rlkit.infra.tracking import read_metrics
+    from rlkit.orchestration.engine_pool import EnginePool
     from rlkit.tools.inspector import render_inspect
     from rlkit.trainer import Trainer
 
     calls: list[tuple[str, int]] = []
-    real_generate = X.generate
+    real_generate = EnginePool.generate
 
-    def counting_generate(engines, requests):
+    def counting_generate(pool, requests):
         kind = "summary" if requests and "parent" in requests[0].meta else "other"
         calls.append((kind, len(requests)))
-        return real_generate(engines, requests)
+        return real_generate(pool, requests)
 
-    monkeypatch.setattr(X, "generate", counting_generate)
+    monkeypatch.setattr(EnginePool, "generate", counting_generate)
     ov = tiny_overrides(tiny_model_dir, tmp_path, "brpo", steps=2) + [
         "eval.before=false", "eval.after=false", "checkpoint.every=0", "checkpoint.export_final=false",
         "tracking.inspect_groups=1", f"reward.verifiers=[{{name: '{HAS_DIGIT}'}}]",

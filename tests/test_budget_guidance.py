@@ -1,4 +1,4 @@
-"""Budget guidance (spec §4): Gamma maths, worked example §4.6, guided sampling through the real
+"""Budget guidance (docs/algorithms.md §4): Gamma maths, worked example §4.6, guided sampling through the real
 HFEngine (only after newlines, only budgeted rows, batched == one by one), predictor training
 and save/load."""
 

@@ -1,4 +1,4 @@
-"""DMMPT (spec §5.3): worked example §5.5, entropy scopes, denominator, registry, errors."""
+"""DMMPT (docs/algorithms.md §5.3): worked example §5.5, entropy scopes, denominator, registry, errors."""
 
 from __future__ import annotations
 

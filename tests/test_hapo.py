@@ -1,4 +1,4 @@
-"""HAPO (spec §3): ĥ, token-level group-average advantage, adaptive clip/advantage loss, and the
+"""HAPO (docs/algorithms.md §3): ĥ, token-level group-average advantage, adaptive clip/advantage loss, and the
 adaptive-temperature logits processor through the real HF engine. Worked examples are §3.8."""
 
 from __future__ import annotations

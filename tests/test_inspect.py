@@ -1,4 +1,4 @@
-"""``rlkit inspect``: step dumps written from real advantage estimators, rendered to HTML (issue 3.6)."""
+"""``rlkit inspect``: step dumps written from real advantage estimators, rendered to HTML."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DAPO soft overlong punishment, spec §6e worked example (L_max 20480, L_cache 4096)."""
+"""DAPO soft overlong punishment, docs/algorithms.md §6e worked example (L_max 20480, L_cache 4096)."""
 
 import pytest
 

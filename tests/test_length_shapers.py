@@ -1,4 +1,4 @@
-"""Length shapers (spec §6a, §6d, §6e, §6f, budget penalty) and budget prompts: worked examples.
+"""Length shapers (docs/algorithms.md §6a, §6d, §6e, §6f, budget penalty) and budget prompts: worked examples.
 
 Every worked example feeds ``rewards = 1[correct]`` (a single 0/1 accuracy verifier), so the shaped
 reward must equal the paper's total reward exactly.

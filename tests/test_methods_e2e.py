@@ -54,7 +54,7 @@ def test_method_trains_logs_and_inspects(tiny_model_dir, tmp_path, method):
         from rlkit.infra.checkpoint import latest_checkpoint, load_checkpoint
 
         state = load_checkpoint(latest_checkpoint(tmp_path / method))
-        stats = state["trainer_state"]["sampler_stats"]
+        stats = state["trainer_state"]["stages"]["adaptive_temperature"]
         assert stats is not None and len(stats) == 4 and all(torch.isfinite(torch.tensor(stats)))
     if method == "spae":
         assert m[-1]["spae/probe_engine_calls"] >= 1

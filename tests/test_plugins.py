@@ -17,7 +17,31 @@ def test_a_method_from_a_users_file_is_selected_by_name(monkeypatch):
     monkeypatch.chdir(ROOT)  # plugin paths resolve against the current directory
     cfg = load_config(RECIPE)
     assert cfg.algorithm.advantage == "reinforce_pp_batch" and cfg.algorithm.policy_loss == "ppo_clip_counted"
-    assert cfg.plugins == [str(ROOT / "recipes/examples/my_method.py")]  # absolute: workers find it too
+    # absolute: workers find them too
+    assert cfg.plugins == [str(ROOT / "recipes/examples/my_method.py"), str(ROOT / "recipes/examples/length_curriculum.py")]
+    assert cfg.stages == [{"name": "length_curriculum", "params": {"start": 16, "warmup_steps": 8}}]
+
+
+@pytest.mark.parametrize(("stages", "match"), [
+    ("[length_curriculam]", r"stages: unknown stage 'length_curriculam'\. Did you mean 'length_curriculum'\?"),
+    ("[{name: length_curriculum, params: {strat: 4}}]", r"unknown parameter 'strat' for stage 'length_curriculum'\. "
+                                                        r"Did you mean 'start'\?"),
+    ("[{name: length_curriculum, params: {start: 999}}]", r"length_curriculum needs 1 <= start <= "
+                                                          r"engine.max_new_tokens=64"),
+    ("[{nme: length_curriculum}]", r"stages: each entry is a name or"),
+])  # fmt: skip
+def test_a_plugin_stage_is_checked_at_config_time(monkeypatch, stages, match):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ConfigError, match=match):
+        load_config(RECIPE, [f"stages={stages}"])
+
+
+def test_two_stages_that_replace_the_collector_are_a_config_error(tmp_path):
+    plugin = tmp_path / "collector.py"
+    plugin.write_text("from rlkit.methods import Stage, register_stage\n\n"
+                      "@register_stage('my_collector')\nclass C(Stage):\n    collects = True\n")
+    with pytest.raises(ConfigError, match=r"stages \['segments', 'my_collector'\] each replace the rollout collector"):
+        load_config(ROOT / "recipes/ulorl_segments.yaml", [f"plugins=[{plugin}]", "stages=[my_collector]"])
 
 
 def test_without_the_plugin_the_name_is_unknown():
@@ -46,9 +70,13 @@ def test_the_plugin_method_trains_through_rlkit_train(tiny_model_dir, tmp_path):
 
     from rlkit.infra.tracking import read_metrics
 
-    args = ["train", str(RECIPE), *tiny_overrides(tiny_model_dir, tmp_path, "plugin", steps=2), "eval.after=false"]
+    args = ["train", str(RECIPE), *tiny_overrides(tiny_model_dir, tmp_path, "plugin", steps=3), "eval.after=false",
+            "stages=[{name: length_curriculum, params: {start: 4, warmup_steps: 2}}]"]
     res = _run_cli(args)
     assert res.returncode == 0, res.stderr[-3000:]
     m = read_metrics(tmp_path / "plugin")
-    assert [x["step"] for x in m] == [1, 2]
+    assert [x["step"] for x in m] == [1, 2, 3]
     assert all(x["actor/plugin_calls"] == pytest.approx(1.0) for x in m if "actor/pg_loss" in x)
+    # the stage's sampling hook capped the rollout: 4 -> 8 -> 12 (engine.max_new_tokens) tokens
+    assert [x["length_curriculum/max_new_tokens"] for x in m] == [4.0, 8.0, 12.0]
+    assert m[0]["response/len_max"] <= 4 < 12

@@ -122,7 +122,7 @@ def test_import_is_light():
     assert out.stdout.strip() == "[]"
 
 
-# ----------------------------------------------------------------------------- plug-in routes (issue 7)
+# ----------------------------------------------------------------------------- plug-in routes
 
 EP_MODULE = """
 def length_reward(completions, **kwargs):

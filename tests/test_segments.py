@@ -1,4 +1,4 @@
-"""Segment rollout (spec §5.1-5.2): scheduler invariants, HF-engine consistency, save/restore.
+"""Segment rollout (docs/algorithms.md §5.1-5.2): scheduler invariants, HF-engine consistency, save/restore.
 
 The property tests drive the scheduler with ``ScriptedEngine``, a deterministic stand-in used
 *only* for the pure scheduling logic (which sample goes to which pool when): each sample has a

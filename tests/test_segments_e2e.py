@@ -1,4 +1,4 @@
-"""Segment rollout (UloRL, spec §5) in the trainer: config, collect, sibling context, kill -9 + resume.
+"""Segment rollout (UloRL, docs/algorithms.md §5) in the trainer: config, collect, sibling context, kill -9 + resume.
 
 The in-process tests drive :class:`rlkit.methods.segments.SegmentRollout` with the real
 ``rollout.hf.HFEngine`` on the tiny random model (no Ray). The slow test runs

@@ -1,4 +1,4 @@
-"""SPAE (spec §2): worked example §2.7, segmentation §2.1, reference loop §2.6, real engine probes §2.2."""
+"""SPAE (docs/algorithms.md §2): worked example §2.7, segmentation §2.1, reference loop §2.6, real engine probes §2.2."""
 
 from __future__ import annotations
 

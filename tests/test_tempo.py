@@ -1,4 +1,4 @@
-"""TEMPO / P2T (spec §1): worked example, reference-loop equivalence, edge cases, errors."""
+"""TEMPO / P2T (docs/algorithms.md §1): worked example, reference-loop equivalence, edge cases, errors."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _mean(xs: list[float]) -> float:
 
 
 def _group_mu_sd(R: list[float], g: list[int]) -> tuple[float, float]:
-    if len(g) == 1:  # spec §1.5 INFERRED: mean 0, std 1 as GRPO (the reference code gives NaN)
+    if len(g) == 1:  # docs/algorithms.md §1.5 INFERRED: mean 0, std 1 as GRPO (the reference code gives NaN)
         return 0.0, 1.0
     mu = _mean([R[k] for k in g])
     sd = math.sqrt(sum((R[k] - mu) ** 2 for k in g) / (len(g) - 1))
@@ -33,7 +33,7 @@ def _token(ids, mask, k: int, t: int, pad_aware: bool):
 
 
 def reference_loop(R, ids, mask, index, eps=1e-6, norm_std=True, pad_aware=True):
-    """The pseudo-code of spec §1.4, line by line (contiguous masks); rows without a valid token
+    """The pseudo-code of docs/algorithms.md §1.4, line by line (contiguous masks); rows without a valid token
     count in the group's mean and std but are not part of the tree."""
     B, L = len(ids), len(ids[0])
     A = [[0.0] * L for _ in range(B)]
@@ -60,7 +60,7 @@ def reference_loop(R, ids, mask, index, eps=1e-6, norm_std=True, pad_aware=True)
 
 
 def reference_formula(R, ids, mask, index, eps=1e-6, norm_std=True, pad_aware=True):
-    """The set definitions of spec §1.3 at every valid token (any mask, contiguous or not)."""
+    """The set definitions of docs/algorithms.md §1.3 at every valid token (any mask, contiguous or not)."""
     B, L = len(ids), len(ids[0])
     A = [[0.0] * L for _ in range(B)]
     for i in range(B):
@@ -93,7 +93,7 @@ def _tempo(inp: AdvantageInputs, **kwargs) -> torch.Tensor:
     return ADVANTAGES.get("tempo").fn(inp, ADVANTAGES.build_params("tempo", kwargs))
 
 
-# Spec §1.7: G = 3, PAD = 0, L = 5.
+# docs/algorithms.md §1.7: G = 3, PAD = 0, L = 5.
 EX_IDS = [[5, 7, 9, 2, 0], [5, 7, 8, 3, 2], [5, 6, 4, 2, 0]]
 EX_MASK = [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
 EX_R = [1.0, 0.0, 1.0]

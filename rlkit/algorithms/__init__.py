@@ -1,8 +1,8 @@
 """Pure tensor RL algorithms: advantages, policy losses, aggregation, KL, sampling filters.
 
-Imports torch only (STYLE.md #1). Importing this package registers every built-in method in the
+Imports torch only. Importing this package registers every built-in method in the
 name-keyed registries ``ADVANTAGES``, ``POLICY_LOSSES``, ``AGGREGATIONS`` and ``KL_ESTIMATORS``.
-Formulas follow ``specs/algorithms.md`` §0 and §7.
+Formulas follow ``docs/algorithms.md`` §0 and §7.
 """
 
 from rlkit.algorithms.registry import (  # noqa: I001  (registry first: the modules below use it)
@@ -76,12 +76,12 @@ __all__ = [
     "register_kl_estimator",
     "register_policy_loss",
     "rloo_advantage",
-    # TEMPO / P2T (spec §1)
+    # TEMPO / P2T (docs/algorithms.md §1)
     "PrefixTree",
     "TEMPOParams",
     "build_prefix_tree",
     "tempo_advantage",
-    # HAPO (spec §3)
+    # HAPO (docs/algorithms.md §3)
     "EntropyStats",
     "HAPOAdvantageParams",
     "HAPOLossParams",
@@ -89,7 +89,7 @@ __all__ = [
     "hapo_loss",
     "hapo_sampling_stats",
     "hapo_token_mean_advantage",
-    # SPAE (spec §2)
+    # SPAE (docs/algorithms.md §2)
     "SPAEParams",
     "find_step_boundaries",
     "spae_advantage",

@@ -1,4 +1,4 @@
-"""Outcome-reward advantage estimators of the GRPO family (spec §0, §7.2).
+"""Outcome-reward advantage estimators of the GRPO family (docs/algorithms.md §0, §7.2).
 
 Every estimator has the registry signature ``fn(inp: AdvantageInputs, p: Params) -> advantages_BT``:
 a scalar advantage per response ``A_B`` broadcast to its valid tokens, ``A_B[:, None] * mask_BT``
@@ -23,12 +23,12 @@ from rlkit.algorithms.types import AdvantageInputs
 
 @dataclass(frozen=True)
 class GRPOParams:
-    """Hyper-parameters of GRPO (spec §0).
+    """Hyper-parameters of GRPO (docs/algorithms.md §0).
 
     Attributes:
         eps: added to the group std before dividing (verl ``epsilon``).
         norm_by_std: divide by the group std (verl ``norm_adv_by_std_in_grpo``); ``False`` is
-            Dr.GRPO (spec §7.2).
+            Dr.GRPO (docs/algorithms.md §7.2).
     """
 
     eps: float = 1e-6
@@ -41,7 +41,7 @@ class GRPOParams:
 
 @dataclass(frozen=True)
 class DrGRPOParams:
-    """Dr.GRPO has no hyper-parameters of its own (spec §7.2)."""
+    """Dr.GRPO has no hyper-parameters of its own (docs/algorithms.md §7.2)."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def _rewards_and_stats(inp: AdvantageInputs) -> tuple[Tensor, GroupStats, Tensor
 @register_advantage("grpo", params=GRPOParams)
 @torch.no_grad()
 def grpo_advantage(inp: AdvantageInputs, p: GRPOParams) -> Tensor:
-    """GRPO outcome advantage (spec §0; verl ``compute_grpo_outcome_advantage``).
+    """GRPO outcome advantage (docs/algorithms.md §0; verl ``compute_grpo_outcome_advantage``).
 
     ``A_i = (R_i - mean_g(R)) / (std_g(R) + eps)`` with unbiased std, or ``R_i - mean_g(R)`` when
     ``norm_by_std`` is False. A group of size 1 uses mean 0 and std 1.
@@ -90,7 +90,7 @@ def grpo_advantage(inp: AdvantageInputs, p: GRPOParams) -> Tensor:
 @register_advantage("dr_grpo", params=DrGRPOParams)
 @torch.no_grad()
 def dr_grpo_advantage(inp: AdvantageInputs, p: DrGRPOParams) -> Tensor:
-    """Dr.GRPO advantage ``A_i = R_i - mean_g(R)``: no std division (spec §7.2).
+    """Dr.GRPO advantage ``A_i = R_i - mean_g(R)``: no std division (docs/algorithms.md §7.2).
 
     A group of size 1 uses mean 0, so ``A = R``. Pair it with the ``seq-mean-token-sum-norm``
     aggregation to get the paper's loss.

@@ -1,4 +1,4 @@
-"""Reduce a per-token loss [B, T] to a scalar (spec §0 "Aggregation modes"; verl ``agg_loss``).
+"""Reduce a per-token loss [B, T] to a scalar (docs/algorithms.md §0 "Aggregation modes"; verl ``agg_loss``).
 
 Modes (``m`` = mask, ``l`` = per-token loss, ``S`` = sequences with at least one valid token):
 - ``token-mean``:              ``sum_{i,t} m l / num_tokens``                    (default ``sum m``; DAPO)
@@ -12,7 +12,7 @@ mean over sequences of token sums divided by a constant horizon. The learner pas
 ``norm_length = algorithm.norm_length``, by default ``engine.max_new_tokens`` (verl's response
 length), so the divisor does not depend on how a batch happened to be padded.
 
-Micro-batching / data parallelism (STYLE.md #5): pass the *global* ``num_tokens`` / ``num_seqs`` /
+Micro-batching / data parallelism: pass the *global* ``num_tokens`` / ``num_seqs`` /
 ``norm_length`` of the whole mini-batch and each micro-batch's result becomes its exact share, so
 summing over micro-batches (and ranks) equals aggregating the full batch at once. The defaults use
 the local tensor and are only right when the call sees the whole batch.

@@ -1,4 +1,4 @@
-"""AnytimeReasoner / BRPO: Budget Relative Policy Optimization (spec §6b). Pure torch math.
+"""AnytimeReasoner / BRPO: Budget Relative Policy Optimization (docs/algorithms.md §6b). Pure torch math.
 
 The thinking ``z`` of each response is cut at every budget ``b_j`` of a prior (``b_j = b_max j/S``
 with probabilities ``p_j``), a summary is sampled after each cut, and the mean summary score at
@@ -95,7 +95,7 @@ def budget_probs(kind: str, budgets: Sequence[int]) -> Tensor:
 
 @dataclass(frozen=True)
 class BudgetPrior:
-    """Training budget prior (spec §6b): ``S = n_support`` budgets up to ``b_max``.
+    """Training budget prior (docs/algorithms.md §6b): ``S = n_support`` budgets up to ``b_max``.
 
     Attributes:
         b_max: maximum thinking length (paper: 8000 or 16000).
@@ -122,7 +122,7 @@ class BudgetPrior:
 
     @classmethod
     def validation(cls, b_max: int = 8000) -> BudgetPrior:
-        """Evaluation prior: the four quarters of ``b_max`` with uniform 0.25 (spec §6b)."""
+        """Evaluation prior: the four quarters of ``b_max`` with uniform 0.25 (docs/algorithms.md §6b)."""
         return cls(b_max=b_max, n_support=4, probs="uniform")
 
 
@@ -160,7 +160,7 @@ def plan_summary_prompts(
     answer_ids: Sequence[int],
     eos_ended: bool = False,
 ) -> list[SummaryPrompt]:
-    """Summary prompts of one thinking at each budget (spec §6b, ``sample_partial_cot``).
+    """Summary prompts of one thinking at each budget (docs/algorithms.md §6b, ``sample_partial_cot``).
 
     For budget ``b_j``: if ``|z| > b_j`` or ``z`` never closed, the prompt is
     ``question + z[:min(b_j, |z|)] + truncation_ids + answer_ids``; otherwise it is
@@ -226,7 +226,7 @@ def brpo_thinking_advantages(
     variance_reduction: str = "brpo",
     discount: float = 2.0,
 ) -> dict[str, Tensor]:
-    """BRPO advantage of each thinking segment (spec §6b, ``compute_cot_advantage``).
+    """BRPO advantage of each thinking segment (docs/algorithms.md §6b, ``compute_cot_advantage``).
 
     ``Ret_{g,s} = sum_{k>=s} p_k r̄_{g,k}``; ``V2_s`` the group mean of ``Ret_{.,s}``;
     ``V1_{g,s} = [sum_{k<s} 2^k r̄_{g,k} / sum_{k<s} 2^k] * sum_{k>=s} p_k`` (0 at ``s=0``);
@@ -279,7 +279,7 @@ def brpo_summary_advantages(
     group_ids_N: Tensor,
     method: str = "brpo",
 ) -> Tensor:
-    """Summary-policy advantage (spec §6b, ``compute_summary_advantage``).
+    """Summary-policy advantage (docs/algorithms.md §6b, ``compute_summary_advantage``).
 
     With several summaries per (response, budget): ``score - mean`` over the summaries of the same
     summary prompt (a prompt with one summary has baseline 0). With one summary per budget
@@ -340,7 +340,7 @@ def segment_index(budgets_S: Tensor, T: int) -> Tensor:
 
 @dataclass(frozen=True)
 class AnytimeParams:
-    """AnytimeReasoner rollout settings (spec §6b); the ``brpo`` advantage's params extend them.
+    """AnytimeReasoner rollout settings (docs/algorithms.md §6b); the ``brpo`` advantage's params extend them.
 
     Attributes:
         b_max: thinking length cap (the thinking rollout's ``max_new_tokens``; paper 8000).
@@ -392,7 +392,7 @@ class AnytimeParams:
 
 @dataclass(frozen=True)
 class BRPOParams(AnytimeParams):
-    """Hyper-parameters of the ``brpo`` advantage (spec §6b defaults): the rollout settings of
+    """Hyper-parameters of the ``brpo`` advantage (docs/algorithms.md §6b defaults): the rollout settings of
     :class:`AnytimeParams` plus the advantage's own.
 
     Attributes:
@@ -447,7 +447,7 @@ def _extra(inp: AdvantageInputs, key: str) -> Tensor:
 @torch.no_grad()
 def brpo_advantage(inp: AdvantageInputs, p: BRPOParams) -> Tensor:
     """BRPO token advantages: thinking tokens get ``A^cot`` of their segment, summary tokens
-    ``A^sum`` (spec §6b). Inputs travel in ``inp.extras``, see :data:`EXTRAS_DOC`.
+    ``A^sum`` (docs/algorithms.md §6b). Inputs travel in ``inp.extras``, see :data:`EXTRAS_DOC`.
 
     Returns:
         advantages_BT [B, T] (dtype of ``response_mask_BT`` if floating, else float32), 0 on padding.

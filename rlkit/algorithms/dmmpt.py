@@ -1,9 +1,9 @@
-"""DMMPT: Dynamic Masking of well-Mastered Positive Tokens (UloRL, spec §5.3; paper Eq. 9-10).
+"""DMMPT: Dynamic Masking of well-Mastered Positive Tokens (UloRL, docs/algorithms.md §5.3; paper Eq. 9-10).
 
 A token is a *mastered positive token* (MPT) when it belongs to a positive sample (reward 1) and
 the model already gives it probability ``p >= tau``. MPTs are masked out of the policy-gradient
 numerator, but only while the entropy is low (``H̄ < sigma``); static masking makes the entropy
-climb without bound (spec §5.3), the entropy gate lets it settle around ``sigma``::
+climb without bound (docs/algorithms.md §5.3), the entropy gate lets it settle around ``sigma``::
 
     I_msk(i, t) = 1  if  H̄_i < sigma  and  r_i = 1  and  p_{i,t} >= tau,   else 0      (Eq. 10)
     J = (1 / sum_i |o_i|) sum_{i,t} (1 - I_msk(i, t)) * surrogate_{i,t}
@@ -27,7 +27,7 @@ Choices the paper leaves open [INFERRED, exposed as parameters]:
   shaper lifted it above its group's mean) is never masked. Only without that signal does a
   sample count as positive when its mean advantage over valid tokens is > 0 (exactly ``r = 1``
   with {0, 1} rewards and GRPO).
-- ``p >= tau`` (the PDF loses the glyph; ``>=`` vs ``>`` is immaterial, spec §5.3).
+- ``p >= tau`` (the PDF loses the glyph; ``>=`` vs ``>`` is immaterial, docs/algorithms.md §5.3).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ LOSS_MASKS = Registry("loss mask")
 
 @dataclass(frozen=True)
 class DMMPTParams:
-    """Hyper-parameters of DMMPT (spec §5.3-5.4).
+    """Hyper-parameters of DMMPT (docs/algorithms.md §5.3-5.4).
 
     Attributes:
         tau: probability threshold of a well-mastered token (paper: 0.99).
@@ -85,7 +85,7 @@ def entropy_gate_B(
     *,
     batch_mean_entropy: float | Tensor | None = None,
 ) -> Tensor:
-    """bool [B]: positive samples whose entropy gate is open (``H̄ < sigma``, spec §5.3 Eq. 10).
+    """bool [B]: positive samples whose entropy gate is open (``H̄ < sigma``, docs/algorithms.md §5.3 Eq. 10).
 
     ``H̄_i`` is the mean token entropy of sample i (``entropy_scope="sample"``) or one batch
     token-mean (``"batch"``; ``batch_mean_entropy`` if given).
@@ -112,7 +112,7 @@ def mask_mastered_positive(
     *,
     batch_mean_entropy: float | Tensor | None = None,
 ) -> Tensor:
-    """The DMMPT indicator ``I_msk`` [B, T] (1.0 = masked), spec §5.3 Eq. 9-10.
+    """The DMMPT indicator ``I_msk`` [B, T] (1.0 = masked), docs/algorithms.md §5.3 Eq. 9-10.
 
     Args:
         token_logprobs_BT: log-probability of each sampled token (``old_logprobs``), float [B, T].
@@ -154,7 +154,7 @@ def dmmpt_loss_mask(
     """DMMPT as a loss mask: ``keep_BT = 1 - I_msk`` to multiply into the per-token loss.
 
     Aggregate the masked loss with the *original* ``response_mask_BT`` so masked tokens stay in
-    the token-mean denominator (spec §5.3). ``p(t) = exp(inp.old_logprobs_BT)``; the entropy is
+    the token-mean denominator (docs/algorithms.md §5.3). ``p(t) = exp(inp.old_logprobs_BT)``; the entropy is
     ``inp.entropy_BT`` (current policy, same forward pass). Without ``positive_B`` a sample is
     positive when its mean advantage is > 0.
 

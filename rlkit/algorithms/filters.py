@@ -1,4 +1,4 @@
-"""Sampling filters of DAPO (spec §7.1): dynamic sampling and overlong filtering.
+"""Sampling filters of DAPO (docs/algorithms.md §7.1): dynamic sampling and overlong filtering.
 
 - :func:`dynamic_sampling_keep_B` keeps the responses of prompt groups whose score varies
   (std > 0) or that have a single response; groups where every response scored the same give

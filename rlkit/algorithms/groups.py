@@ -22,7 +22,7 @@ class GroupStats:
         count_G: [G] number of responses per group.
         sum_G: [G] sum of values per group.
         mean_G: [G] mean per group.
-        std_G: [G] unbiased (n-1) std per group; 0 for groups of size 1 (spec §0).
+        std_G: [G] unbiased (n-1) std per group; 0 for groups of size 1 (docs/algorithms.md §0).
     """
 
     index_B: Tensor

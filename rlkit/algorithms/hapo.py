@@ -1,4 +1,4 @@
-"""HAPO: Heterogeneous Adaptive Policy Optimization (spec §3; release ``starriver030515/HAPO``).
+"""HAPO: Heterogeneous Adaptive Policy Optimization (docs/algorithms.md §3; release ``starriver030515/HAPO``).
 
 Three pieces share one building block, the normalised token entropy ĥ (§3.1):
 
@@ -13,7 +13,7 @@ Three pieces share one building block, the normalised token entropy ĥ (§3.1):
 Departures from the release, each a flag with the spec's default:
 - ``replicate_release_sign=False``: the release computes ``scale_neg = 1/neg_min < 0``, so
   low-entropy tokens get ĥ >= 0 (every token looks "high entropy"). The default is the paper's
-  intended ĥ in [-1, 1]; ``True`` reproduces the release exactly (spec §3.1 "Discrepancy").
+  intended ĥ in [-1, 1]; ``True`` reproduces the release exactly (docs/algorithms.md §3.1 "Discrepancy").
 - ``fallback_on_padding=False``: the release also evaluates ``(0 - μ)/σ`` on padded positions and
   lets them trigger the GRPO fallback; by default the ``>= 5`` test sees valid tokens only (§3.3).
   Padded positions are always 0 in the returned advantages.
@@ -42,7 +42,7 @@ ENTROPY_EPS = 1e-8  # release ``compute_entropy_h`` eps: log clamp, variance cla
 
 
 class EntropyStats(NamedTuple):
-    """Statistics of ĥ (spec §3.1) as plain floats (picklable; a 4-tuple for the sampler).
+    """Statistics of ĥ (docs/algorithms.md §3.1) as plain floats (picklable; a 4-tuple for the sampler).
 
     ``ĥ = h·scale_pos`` where ``h = (log H - median)/std > 0``, else ``h·scale_neg``.
 
@@ -109,7 +109,7 @@ def compute_entropy_h(
     pivot: float = 0.8,
     replicate_release_sign: bool = False,
 ) -> tuple[Tensor, EntropyStats | None]:
-    """Normalised token entropy ĥ (spec §3.1; release ``compute_entropy_h``).
+    """Normalised token entropy ĥ (docs/algorithms.md §3.1; release ``compute_entropy_h``).
 
     ``e = log(max(H, 1e-8))``; ``m`` = the ``pivot`` quantile of the valid ``e`` ("nearest":
     ``sorted(e)[round(pivot·(n-1))]``, banker's rounding); ``h = (e - m)/s`` with
@@ -139,7 +139,7 @@ def hapo_sampling_stats(
     pivot: float = 0.8,
     replicate_release_sign: bool = False,
 ) -> EntropyStats | None:
-    """Sampling-time ĥ statistics over a whole batch of old-policy entropies (spec §3.1).
+    """Sampling-time ĥ statistics over a whole batch of old-policy entropies (docs/algorithms.md §3.1).
 
     The release computes them right after ``compute_log_prob`` from the old-policy entropies of
     the *entire* training batch and hands them to the *next* step's rollout (``None`` at step 1,
@@ -165,7 +165,7 @@ def hapo_sampling_stats(
 
 @dataclass(frozen=True)
 class HAPOAdvantageParams:
-    """Hyper-parameters of the token-level group-average advantage (spec §3.3).
+    """Hyper-parameters of the token-level group-average advantage (docs/algorithms.md §3.3).
 
     Attributes:
         eps: added to the group std before dividing.
@@ -174,7 +174,7 @@ class HAPOAdvantageParams:
         fallback_threshold: if any ``|A| >=`` this in a group, the whole group uses plain GRPO
             advantages ("smooth score"; 5 in the release).
         fallback_on_padding: release quirk: also test ``(0 - μ)/(σ + eps)`` (the value the release
-            computes on padded positions) against the threshold [spec §3.3, INFERRED default off].
+            computes on padded positions) against the threshold [docs/algorithms.md §3.3, INFERRED default off].
     """
 
     eps: float = 1e-6
@@ -192,7 +192,7 @@ class HAPOAdvantageParams:
 @register_advantage("hapo_token_mean", params=HAPOAdvantageParams, aliases=("hapo_token_avg", "hapo"))
 @torch.no_grad()
 def hapo_token_mean_advantage(inp: AdvantageInputs, p: HAPOAdvantageParams) -> Tensor:
-    """Token-level group-average advantage (spec §3.3; release ``compute_hapo_outcome_advantage``).
+    """Token-level group-average advantage (docs/algorithms.md §3.3; release ``compute_hapo_outcome_advantage``).
 
     Each response's reward counts once per valid token (``|o_i|`` = its valid-token count)::
 
@@ -251,7 +251,7 @@ def hapo_token_mean_advantage(inp: AdvantageInputs, p: HAPOAdvantageParams) -> T
 
 @dataclass(frozen=True)
 class HAPOLossParams:
-    """Hyper-parameters of the HAPO policy loss (spec §3.4-3.7; release recipe defaults).
+    """Hyper-parameters of the HAPO policy loss (docs/algorithms.md §3.4-3.7; release recipe defaults).
 
     Attributes:
         entropy_pivot: quantile of the micro-batch log-entropies that separates high/low entropy.
@@ -290,7 +290,7 @@ class HAPOLossParams:
 def adaptive_clip_bounds(
     h_hat_BT: Tensor, clip_low: float, clip_high: float, alpha: float = 1.0
 ) -> tuple[Tensor, Tensor]:
-    """Asymmetric adaptive clipping (spec §3.4; release ``ada_clip``): ``(eps_low_BT, eps_high_BT)``.
+    """Asymmetric adaptive clipping (docs/algorithms.md §3.4; release ``ada_clip``): ``(eps_low_BT, eps_high_BT)``.
 
     ``ε_low(t) = ε_low·(1 - α ĥ)`` where ``ĥ <= 0`` (wider lower bound for low-entropy tokens),
     ``ε_high(t) = ε_high·(1 + α ĥ)`` where ``ĥ > 0`` (wider upper bound for high-entropy tokens);
@@ -309,7 +309,7 @@ def redistribute_advantages(
     eps_high_BT: Tensor,
     beta: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """Differential advantage redistribution (spec §3.5; release ``ada_advantage``).
+    """Differential advantage redistribution (docs/algorithms.md §3.5; release ``ada_advantage``).
 
     ``A_ent = A (1 + β ĥ)``; ``neutral = 1 - ε_low(t)/2 < r < 1 + ε_high(t)/2``. High entropy
     (ĥ > 0): ``A`` inside the neutral zone, ``A_ent`` outside; low entropy (ĥ <= 0): ``A_ent``
@@ -327,7 +327,7 @@ def redistribute_advantages(
 
 @register_policy_loss("hapo", params=HAPOLossParams)
 def hapo_loss(inp: PolicyLossInputs, p: HAPOLossParams) -> tuple[Tensor, dict[str, Tensor]]:
-    """HAPO token loss (spec §3.6; release ``compute_policy_loss``).
+    """HAPO token loss (docs/algorithms.md §3.6; release ``compute_policy_loss``).
 
     ĥ is computed under ``no_grad`` from ``inp.entropy_BT`` (current policy, same forward pass) over
     the valid tokens of *this micro-batch*, as the release does; then ``(ε_low(t), ε_high(t))`` by

@@ -1,4 +1,4 @@
-"""Policy losses: PPO-clip with decoupled/dual clip (spec §0, §7.1 DAPO, §7.2) and GSPO-token (§7.3).
+"""Policy losses: PPO-clip with decoupled/dual clip (docs/algorithms.md §0, §7.1 DAPO, §7.2) and GSPO-token (§7.3).
 
 Registry signature: ``fn(inp: PolicyLossInputs, p: Params) -> (loss_BT, metrics)``. The loss is
 per token and unreduced (negated objective, to be minimised); reduce it with
@@ -27,7 +27,7 @@ GSPO_LOG_RATIO_MAX = 10.0
 
 @dataclass(frozen=True)
 class PPOClipParams:
-    """Hyper-parameters of the PPO-clip token loss (spec §0).
+    """Hyper-parameters of the PPO-clip token loss (docs/algorithms.md §0).
 
     Attributes:
         clip_low: ε_low, the ratio is clipped below at ``1 - clip_low``.
@@ -51,7 +51,7 @@ class PPOClipParams:
 
 @dataclass(frozen=True)
 class GSPOParams:
-    """Hyper-parameters of GSPO (spec §7.3). Sequence ratios are clipped to [1-clip_low, 1+clip_high].
+    """Hyper-parameters of GSPO (docs/algorithms.md §7.3). Sequence ratios are clipped to [1-clip_low, 1+clip_high].
 
     Attributes:
         clip_low: ε_low (verl GSPO recipe: 3e-4).
@@ -93,7 +93,7 @@ def dual_clip(loss_BT: Tensor, advantages_BT: Tensor, clip_c: float | None) -> t
 
 @register_policy_loss("ppo_clip", params=PPOClipParams)
 def ppo_clip_loss(inp: PolicyLossInputs, p: PPOClipParams) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO-clip token loss with decoupled clip range and dual clip (spec §0; DAPO §7.1).
+    """PPO-clip token loss with decoupled clip range and dual clip (docs/algorithms.md §0; DAPO §7.1).
 
     ``l_t = max(-A_t r_t, -A_t clip(r_t, 1-ε_low, 1+ε_high))`` with ``r_t = exp(logp_t - old_t)``;
     where ``A_t < 0`` and dual clip is on, ``l_t = min(l_t, -A_t c)``.
@@ -121,7 +121,7 @@ def ppo_clip_loss(inp: PolicyLossInputs, p: PPOClipParams) -> tuple[Tensor, dict
 
 @register_policy_loss("gspo", params=GSPOParams)
 def gspo_loss(inp: PolicyLossInputs, p: GSPOParams) -> tuple[Tensor, dict[str, Tensor]]:
-    """GSPO-token loss (spec §7.3; verl ``compute_policy_loss_gspo``).
+    """GSPO-token loss (docs/algorithms.md §7.3; verl ``compute_policy_loss_gspo``).
 
     ``log s_i = (1/|y_i|) sum_t m (logp - old)`` is the sequence log-ratio (length-normalised);
     ``log s_{i,t} = sg[log s_i] + logp_t - sg[logp_t]`` has the value of ``log s_i`` and the

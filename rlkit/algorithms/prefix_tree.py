@@ -1,9 +1,9 @@
-"""P2T prefix trees and the TEMPO advantage (spec §1).
+"""P2T prefix trees and the TEMPO advantage (docs/algorithms.md §1).
 
 TEMPO (Tran, Yao, Yu, arXiv 2509.18314; code ``fatebreaker/tempo``) adds to the GRPO advantage a
 TD term read off the token trie of each prompt group:
 
-    A_{i,t} = (R_i - mu_g + V(s_{t+1}) - V(s_t)) / (sigma_g + eps)       (spec §1.3)
+    A_{i,t} = (R_i - mu_g + V(s_{t+1}) - V(s_t)) / (sigma_g + eps)       (docs/algorithms.md §1.3)
 
 where ``V(s)`` is the mean outcome of the responses that pass through prefix ``s``. The term is
 non-zero only at tokens that leave a branching node; elsewhere TEMPO is GRPO.
@@ -14,7 +14,7 @@ P2T ("prefix to tree") here stores each group's trie implicitly as the longest-c
 drop each pair once it has diverged, so the cost is about ``sum over same-group pairs of their LCP``
 element compares, plus ``O(B * n log n)`` for the prefix values (the TD term is sparse: one entry
 per branch token) and the dense [B, T] output. No Python loop over responses, groups or positions;
-the reference loop of spec §1.4 is ``O(B * T * G)`` Python.
+the reference loop of docs/algorithms.md §1.4 is ``O(B * T * G)`` Python.
 
 Departures from the reference code, each an option of :class:`TEMPOParams`:
 - ``pad_aware`` (INFERRED, default True): positions are compared as ``(token_id, valid)`` pairs, so
@@ -52,15 +52,15 @@ _SHARED_OUTCOME_FIELDS = ("eps", "norm_by_std")
 
 @dataclass(frozen=True)
 class TEMPOParams:
-    """Hyper-parameters of TEMPO (spec §1.2, §1.5). There is no TD coefficient and no discount.
+    """Hyper-parameters of TEMPO (docs/algorithms.md §1.2, §1.5). There is no TD coefficient and no discount.
 
     Attributes:
         eps: added to the group std before dividing (verl ``epsilon``).
         norm_by_std: divide outcome and TD term by ``sigma_g + eps`` (verl
             ``norm_adv_by_std_in_grpo``); False gives ``R_i - mu_g + delta`` (Dr.GRPO form).
-        pad_aware: INFERRED (spec §1.5). Compare ``(token_id, valid)`` pairs so padding never
+        pad_aware: INFERRED (docs/algorithms.md §1.5). Compare ``(token_id, valid)`` pairs so padding never
             matches a real token; False compares raw ids like the reference code.
-        singleton: INFERRED (spec §1.5). ``"grpo"``: a group of size 1 uses mean 0, std 1 (its TD
+        singleton: INFERRED (docs/algorithms.md §1.5). ``"grpo"``: a group of size 1 uses mean 0, std 1 (its TD
             term is 0, so ``A = R / (1 + eps)``); ``"zero"``: its advantages are 0.
         outcome: registered advantage estimator giving the per-response part the TD term is added
             to. ``"grpo"`` is the spec's formula; ``"dr_grpo"``/``"rloo"`` etc. combine TEMPO with
@@ -236,7 +236,7 @@ def build_prefix_tree(
         tokens_BT: integer [B, T] response token ids (padded).
         valid_BT: bool/float [B, T], nonzero on valid tokens.
         group_ids_B: integer [B], prompt-group ids (arbitrary values, any order).
-        pad_aware: compare ``(token_id, valid)`` pairs (True) or raw ids (False), spec §1.5.
+        pad_aware: compare ``(token_id, valid)`` pairs (True) or raw ids (False), docs/algorithms.md §1.5.
 
     Returns:
         :class:`PrefixTree`.
@@ -302,7 +302,7 @@ def _check_inputs(inp: AdvantageInputs) -> Tensor:
 @register_advantage("tempo", params=TEMPOParams)
 @torch.no_grad()
 def tempo_advantage(inp: AdvantageInputs, p: TEMPOParams) -> Tensor:
-    """TEMPO advantage: outcome advantage plus the branch-gated prefix-value TD term (spec §1.3).
+    """TEMPO advantage: outcome advantage plus the branch-gated prefix-value TD term (docs/algorithms.md §1.3).
 
     ``A_{i,t} = A^outcome_i + (V(s_{t+1}) - V(s_t)) / (sigma_g + eps)`` (no division when
     ``norm_by_std`` is False); with ``outcome="grpo"`` this is the spec's formula exactly.

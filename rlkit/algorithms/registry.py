@@ -1,4 +1,4 @@
-"""Name-keyed registries for the axes researchers vary (STYLE.md #3, #4, #6).
+"""Name-keyed registries for the axes researchers vary.
 
 Each registry maps a name (e.g. ``"grpo"``) to a :class:`RegistryEntry` holding the function and
 the small hyper-parameter dataclass that function reads. The trainer never branches on a method's
@@ -16,10 +16,11 @@ nearest valid field.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from rlkit.common import build_dataclass, nearest
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,9 +40,6 @@ class RegistryEntry:
     aliases: tuple[str, ...] = ()
 
 
-def _nearest(word: str, candidates: list[str]) -> str | None:
-    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.5)
-    return close[0] if close else None
 
 
 def _attribute_docs(doc: str) -> dict[str, str]:
@@ -124,7 +122,7 @@ class Registry:
         if name in self._aliases:
             return self._aliases[name]
         keys = self._all_keys()
-        hint = _nearest(name, keys)
+        hint = nearest(name, keys)
         did_you_mean = f" Did you mean {hint!r}?" if hint else ""
         raise KeyError(f"unknown {self.kind} {name!r}.{did_you_mean} Valid names: {', '.join(keys)}")
 
@@ -138,18 +136,7 @@ class Registry:
         Unknown keys raise ``ValueError`` naming the key, the nearest valid field and all fields.
         """
         entry = self.get(name)
-        kwargs = dict(kwargs or {})
-        fields = [f.name for f in dataclasses.fields(entry.params) if f.init]
-        for key in kwargs:
-            if key not in fields:
-                hint = _nearest(key, fields)
-                did_you_mean = f" Did you mean {hint!r}?" if hint else ""
-                valid = ", ".join(fields) if fields else "(none)"
-                raise ValueError(
-                    f"unknown parameter {key!r} for {self.kind} {entry.name!r}.{did_you_mean} "
-                    f"Valid parameters: {valid}"
-                )
-        return entry.params(**kwargs)
+        return build_dataclass(entry.params, kwargs, f"{self.kind} {entry.name!r}")
 
     def describe_params(self) -> list[tuple[str, str, str, str]]:
         """``(name, field, default, description)`` of every registered params field, the description

@@ -1,4 +1,4 @@
-"""SPAE: Step Potential Advantage Estimation (spec §2) — step segmentation and the advantage math.
+"""SPAE: Step Potential Advantage Estimation (docs/algorithms.md §2) — step segmentation and the advantage math.
 
 Pure functions, torch only (no tokenizer, no engine). Probing the policy at step boundaries, which
 needs an engine, lives in :mod:`rlkit.methods.step_probes`; it fills the ``AdvantageInputs.extras`` keys read
@@ -198,7 +198,7 @@ def difference_shaping(dphi_BK: Tensor, step_mask_BK: Tensor, weights_BK: Tensor
 
 @dataclass(frozen=True)
 class SPAEParams:
-    """Hyper-parameters of the SPAE advantage (spec §2.4, §2.5).
+    """Hyper-parameters of the SPAE advantage (docs/algorithms.md §2.4, §2.5).
 
     Attributes:
         alpha: α, saturation-penalty strength (paper 0.5).
@@ -295,7 +295,7 @@ def steps_to_tokens(step_BK: Tensor, tail_B: Tensor, idx_BT: Tensor, tail_BT: Te
 @register_advantage("spae", params=SPAEParams)
 @torch.no_grad()
 def spae_advantage(inp: AdvantageInputs, p: SPAEParams) -> Tensor:
-    """SPAE token advantages (spec §2.3–2.4, pseudo-code §2.6).
+    """SPAE token advantages (docs/algorithms.md §2.3–2.4, pseudo-code §2.6).
 
     ``Â_{i,j} = Â^Group_i · f(Φ_{i,M(j)}) + ξ · g(ΔΦ_{i,M(j)})`` with ``Â^Group_i = R_i − mean_g R``,
     then standardised over all valid tokens of the batch.

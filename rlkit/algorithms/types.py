@@ -1,9 +1,9 @@
-"""Input dataclasses: one signature per registry (STYLE.md #3).
+"""Input dataclasses: one signature per registry.
 
 Every advantage estimator is called as ``fn(AdvantageInputs, params) -> advantages_BT`` and every
 policy loss as ``fn(PolicyLossInputs, params) -> (loss_BT, metrics)``, so the trainer never
 branches on a method's name. Method-specific tensors (step potentials, tree ids, ...) travel in
-``AdvantageInputs.extras``. Shape notation follows spec §0: ``B`` responses, ``T`` padded length.
+``AdvantageInputs.extras``. Shape notation follows docs/algorithms.md §0: ``B`` responses, ``T`` padded length.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class AdvantageInputs:
     """Inputs of every advantage estimator.
 
     Attributes:
-        rewards_B: float [B], scalar outcome reward per response (spec §0 ``R_i``).
+        rewards_B: float [B], scalar outcome reward per response (docs/algorithms.md §0 ``R_i``).
         group_ids_B: long [B], prompt-group index (``uid``); arbitrary integers.
         response_mask_BT: float [B, T], 1 for valid response tokens (EOS included), 0 on padding.
         response_ids_BT: long [B, T], response token ids, for token-aware estimators.

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from rlkit.common import Registry
 from rlkit.infra.generators import generate_arithmetic, generate_reasoning_gym
 
 __all__ = [
@@ -48,7 +49,7 @@ class _BadRow:
     reason: str
 
 
-_SOURCES: dict[str, SourceFn] = {}
+_SOURCES: Registry[SourceFn] = Registry("prompt source")
 
 
 def register_source(name: str) -> Callable[[SourceFn], SourceFn]:
@@ -57,10 +58,7 @@ def register_source(name: str) -> Callable[[SourceFn], SourceFn]:
     Row numbers are 1-based and appear in error messages. A duplicate name raises."""
 
     def deco(fn: SourceFn) -> SourceFn:
-        if name in _SOURCES:
-            raise ValueError(f"prompt source {name!r} is already registered")
-        _SOURCES[name] = fn
-        return fn
+        return _SOURCES.add(name, fn)
 
     return deco
 
@@ -247,7 +245,7 @@ def load_rows(
     if reserved := sorted(set(options) & {"path", "split", "seed", "limit"}):
         raise DataError(f"generator_kwargs may not set {reserved}; pass them to load_rows")
     where = path or source
-    raw_rows = _SOURCES[source](path=path, split=split, seed=seed, limit=limit, **options)
+    raw_rows = _SOURCES.get(source)(path=path, split=split, seed=seed, limit=limit, **options)
     rows: list[Row] = []
     skipped: list[int] = []
     first_error: str | None = None

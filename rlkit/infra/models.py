@@ -13,7 +13,6 @@ byte-level BPE tokenizer and a ChatML template, in about a second, for tests and
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import logging
 import os
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlkit.common import nearest
 from rollout.hf import lora_config  # noqa: F401  (one definition for learner and engine)
 
 logger = logging.getLogger(__name__)
@@ -111,8 +111,8 @@ def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
         raise FileNotFoundError(f"model directory {name!r} does not exist (relative to {os.getcwd()}); "
                                 "a run's final/ appears when the run finishes")
     candidates = list(BUILTIN_MODELS) + list(_ALIAS_SYNONYMS)
-    near = difflib.get_close_matches(name.lower(), candidates, n=1, cutoff=0.3)
-    hint = f" Did you mean {_ALIAS_SYNONYMS.get(near[0], near[0])!r}?" if near else ""
+    near = nearest(name.lower(), candidates, cutoff=0.3)
+    hint = f" Did you mean {_ALIAS_SYNONYMS.get(near, near)!r}?" if near else ""
     raise FileNotFoundError(
         f"model {name!r} is neither a local directory nor a built-in alias (no model hub access "
         f"on this machine). Built-in aliases: {sorted(BUILTIN_MODELS)}.{hint}"

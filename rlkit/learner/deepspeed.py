@@ -343,7 +343,7 @@ class DeepSpeedLearner:
         return out if self.rank == 0 else None
 
     def entropy_stats(self, pivot: float, replicate_release_sign: bool = False) -> list[float] | None:
-        """HAPO sampling statistics (spec §3.1) of the last step's entropies on all ranks (collective)."""
+        """HAPO sampling statistics (docs/algorithms.md §3.1) of the last step's entropies on all ranks (collective)."""
         from rlkit.algorithms.hapo import hapo_sampling_stats
 
         local = torch.cat(self._entropies) if self._entropies else torch.zeros(0)

@@ -404,7 +404,7 @@ class TorchLearner:
         return acc
 
     def entropy_stats(self, pivot: float, replicate_release_sign: bool = False) -> list[float] | None:
-        """HAPO sampling statistics (spec §3.1) of the last train step's per-token policy entropies,
+        """HAPO sampling statistics (docs/algorithms.md §3.1) of the last train step's per-token policy entropies,
         all from the policy before the step's first update (the one that sampled the batch): the
         old-log-prob recompute pass when there is one, else the first update's forward passes
         (all rows on-policy; the first mini-batch with ``old_logprobs: rollout`` and several

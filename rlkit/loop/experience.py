@@ -84,7 +84,7 @@ def score_groups(groups: list[Group], manager, answer_columns: list[str] | None 
 
 
 def overlong_shaping(groups: list[Group], cfg: Config) -> None:
-    """DAPO soft overlong punishment (spec §6e) added to each reward, L_max = max_new_tokens."""
+    """DAPO soft overlong punishment (docs/algorithms.md §6e) added to each reward, L_max = max_new_tokens."""
     from rewards.length import dapo_overlong_penalty
 
     o = cfg.algorithm.overlong_shaping
@@ -97,7 +97,7 @@ def overlong_shaping(groups: list[Group], cfg: Config) -> None:
 
 
 def keep_informative(groups: list[Group], acc_key: str | None = None, on: str = "accuracy") -> list[Group]:
-    """DAPO dynamic sampling: keep groups whose scores are not all equal (spec §7.1).
+    """DAPO dynamic sampling: keep groups whose scores are not all equal (docs/algorithms.md §7.1).
 
     ``on="accuracy"`` (DAPO's filter): the score is correctness, the ``acc_key`` verifier's value
     ``>= 1``, so a group in which every sample is wrong (or every one right) is dropped even when a

@@ -1,4 +1,4 @@
-"""AnytimeReasoner rollouts (spec §6b): summaries of truncated thinking, sampled through the engines.
+"""AnytimeReasoner rollouts (docs/algorithms.md §6b): summaries of truncated thinking, sampled through the engines.
 
 Flow of one BRPO step (the math is in :mod:`rlkit.algorithms.brpo`)::
 
@@ -19,7 +19,7 @@ flow through :mod:`rlkit.methods.anytime`.
 
 In the training step (the ``anytime`` stage at the end of this module):
 
-AnytimeReasoner / BRPO in the training step (spec §6b): thinking groups -> summary groups.
+AnytimeReasoner / BRPO in the training step (docs/algorithms.md §6b): thinking groups -> summary groups.
 
 The trainer's normal collect samples the thinking ``z`` (sampling params from
 ``BRPOParams.rollout_params``: at most ``b_max`` new tokens, stop at ``think_end``). Then, for the
@@ -65,7 +65,7 @@ from rlkit.algorithms.brpo import (
 from rlkit.common import stable_seed
 from rlkit.loop.experience import Group, sampling_params, score_groups
 from rlkit.methods.base import Stage, register_stage
-from rollout.engine import Completion, RolloutRequest, SamplingParams, split_per_request
+from rollout.engine import Completion, RolloutRequest, SamplingParams
 
 __all__ = ["AnytimeParams", "AnytimeStage", "AnytimeStep", "BRPORows", "SummarySample", "brpo_rows", "check_config",
            "generate_once", "sample_summaries", "summarize_groups", "summary_groups", "summary_scores",
@@ -110,34 +110,17 @@ class SummarySample:
 _seed = stable_seed
 
 
-def generate_once(engines: Sequence[Any], requests: list[RolloutRequest]) -> list[Completion]:
+def generate_once(engines: Any, requests: list[RolloutRequest]) -> list[Completion]:
     """One ``generate`` call per engine (round-robin shards), completions in request order.
 
-    ``engines``: a list of plain engines (called here) or Ray actor handles, or the trainer's
-    engine pool; the last two go through :func:`rlkit.loop.experience.generate`.
+    ``engines``: the trainer's engine pool, Ray actor handles or engine objects (see
+    :func:`rlkit.orchestration.engine_pool.as_pool`).
     """
     if not requests:
         return []
-    if not isinstance(engines, (list, tuple)):  # the trainer's EnginePool: sharded, dead engines retried
-        from rlkit.loop.experience import generate
+    from rlkit.orchestration.engine_pool import as_pool
 
-        return generate(engines, requests)[0]
-    if not engines:
-        raise ValueError("generate_once needs at least one engine")
-    if hasattr(getattr(engines[0], "generate", None), "remote"):
-        from rlkit.loop.experience import generate
-
-        return generate(list(engines), requests)[0]
-    E = len(engines)
-    per_req: list[list[Completion]] = [[] for _ in requests]
-    for k, engine in enumerate(engines):
-        idxs = list(range(k, len(requests), E))
-        if not idxs:
-            continue
-        sub = [requests[i] for i in idxs]
-        for i, cs in zip(idxs, split_per_request(sub, engine.generate(sub))):
-            per_req[i] = cs
-    return [c for cs in per_req for c in cs]
+    return as_pool(engines).generate(requests)[0]
 
 
 def sample_summaries(

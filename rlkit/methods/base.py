@@ -18,8 +18,9 @@ registration order, at a fixed point of the step::
 
 A stage is active when its ``enabled(cfg)`` says so: built-in stages look at the config block
 that turns them on (``segments.enabled``, ``engine.adaptive_temperature.enabled``, ...); a user's
-stage (registered from a ``plugins:`` file) is active when its name is listed in ``stages:``.
-See docs/extending.md for a walkthrough.
+stage (registered from a ``plugins:`` file) is active when it is listed in ``stages:``, by name or
+as ``{name: ..., params: {...}}``; ``params`` fill the stage's ``params_cls`` dataclass (unknown
+keys are config errors). See docs/extending.md for a walkthrough.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from rlkit.common import Registry
+from rlkit.common import Registry, build_dataclass
 
 
 @dataclass
@@ -51,14 +52,29 @@ class Stage:
     """Base class of every stage; each hook's default does nothing."""
 
     name: ClassVar[str] = ""
+    params_cls: ClassVar[type | None] = None  # dataclass of the ``stages: [{name, params}]`` entry
 
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
+        self.params = self.build_params(ctx.cfg)
 
     # ------------------------------------------------------------------ class-level (no instance yet)
     @classmethod
     def enabled(cls, cfg: Any) -> bool:
-        return cls.name in getattr(cfg, "stages", ())
+        return cls.name in stage_entries(cfg)
+
+    @classmethod
+    def build_params(cls, cfg: Any) -> Any:
+        """The stage's params from its ``stages:`` entry (None without a ``params_cls``)."""
+        given = stage_entries(cfg).get(cls.name) or {}
+        if cls.params_cls is None:
+            if given:
+                raise ValueError(f"stages: {cls.name!r} takes no params (got {sorted(given)})")
+            return None
+        try:
+            return build_dataclass(cls.params_cls, given, f"stage {cls.name!r}")
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"stages: {e.args[0] if e.args else e}") from None
 
     @classmethod
     def check(cls, cfg: Any) -> None:
@@ -117,12 +133,30 @@ def register_stage(name: str) -> Callable[[type[Stage]], type[Stage]]:
     return deco
 
 
+def stage_entries(cfg: Any) -> dict[str, dict[str, Any]]:
+    """``{name: params}`` of the config's ``stages:`` list (entries: a name or ``{name, params}``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for e in getattr(cfg, "stages", ()) or ():
+        if isinstance(e, str):
+            out[e] = {}
+        elif isinstance(e, dict) and isinstance(e.get("name"), str) and set(e) <= {"name", "params"}:
+            out[e["name"]] = dict(e.get("params") or {})
+        else:
+            raise ValueError(f"stages: each entry is a name or {{name: ..., params: {{...}}}}, got {e!r}")
+    return out
+
+
 def active_stages(cfg: Any) -> list[type[Stage]]:
-    """The stage classes ``cfg`` turns on, in registration order; unknown ``stages:`` names and
-    two collectors are errors (``ValueError`` naming the key)."""
-    for name in getattr(cfg, "stages", ()):
-        STAGES.get(name)  # unknown name -> did-you-mean
+    """The stage classes ``cfg`` turns on, in registration order; unknown ``stages:`` names, bad
+    params and two collectors are errors (``ValueError`` naming the key)."""
+    for name in stage_entries(cfg):
+        try:
+            STAGES.get(name)
+        except KeyError as e:  # unknown name -> did-you-mean
+            raise ValueError(f"stages: {e.args[0]}") from None
     classes = [cls for cls in STAGES.values() if cls.enabled(cfg)]
+    for cls in classes:
+        cls.build_params(cfg)
     collectors = [c.name for c in classes if c.collects]
     if len(collectors) > 1:
         raise ValueError(f"stages {collectors} each replace the rollout collector; enable one of them")

@@ -1,4 +1,4 @@
-"""Segment rollout in the trainer (UloRL, spec §5.1-5.2): scheduler -> scored groups for ``make_batch``.
+"""Segment rollout in the trainer (UloRL, docs/algorithms.md §5.1-5.2): scheduler -> scored groups for ``make_batch``.
 
 :class:`SegmentRollout` owns a :class:`rollout.segments.SegmentScheduler` fed by the trainer's data
 cursor and engines. Each step it returns the same ``(kept groups, all groups, metrics)`` triple as

@@ -1,4 +1,4 @@
-"""SPAE training-free step probes (spec §2.1–2.2) run through any RolloutEngine.
+"""SPAE training-free step probes (docs/algorithms.md §2.1–2.2) run through any RolloutEngine.
 
 For every step boundary ``b`` of response ``i`` (see :func:`rlkit.algorithms.spae.find_step_boundaries`)
 the probe context is ``h = prompt_ids + response[:b+1] + tokens(p_probe)`` with
@@ -52,7 +52,7 @@ from rollout.engine import Completion, RolloutRequest, SamplingParams
 
 @dataclass(frozen=True)
 class ProbeParams:
-    """How to segment responses and probe each step (spec §2.1, §2.2, §2.5 defaults).
+    """How to segment responses and probe each step (docs/algorithms.md §2.1, §2.2, §2.5 defaults).
 
     Attributes:
         probe: p_probe appended after the step (§2.2).
@@ -144,7 +144,7 @@ class TokenTexts:
 
 
 def segment_responses(responses: Sequence[Sequence[int]], tokenizer: Any, p: ProbeParams) -> list[list[int]]:
-    """Step-boundary positions of each response (spec §2.1), decoding tokens one by one."""
+    """Step-boundary positions of each response (docs/algorithms.md §2.1), decoding tokens one by one."""
     texts = tokenizer if isinstance(tokenizer, TokenTexts) else TokenTexts(tokenizer)
     return [find_step_boundaries(texts(r), suffixes=p.step_suffixes, think_end=p.think_end,
                                  match=p.boundary_match, max_steps=p.max_steps) for r in responses]
@@ -173,65 +173,20 @@ def _boxed_content(continuation: str) -> str:
     return continuation
 
 
-def _is_actor(engine: Any) -> bool:
-    return hasattr(getattr(engine, "generate", None), "remote")
-
-
 def call_engines(engines: Any, requests: list[RolloutRequest], prefixes: list[list[int]],
                  continuations: list[list[int]]) -> tuple[list[list[Completion]], list[list[float]], int]:
     """One ``generate`` and one ``score`` call per engine, requests sharded round-robin.
 
-    ``engines``: one engine or a list; each a local :class:`rollout.engine.RolloutEngine` or a Ray
-    actor handle of :class:`rlkit.orchestration.ray_actors.RolloutWorker` (whose ``generate``
-    returns ``(completions, seconds)``); or the trainer's
-    :class:`~rlkit.orchestration.engine_pool.EnginePool` (dead engines recreated, retried). On
-    actors the two kinds are submitted together and run concurrently. Returns (completions per
-    request, logprobs per continuation, engine calls made).
+    ``engines``: the trainer's engine pool (dead engines recreated, retried), Ray actor handles
+    or engine objects (see :func:`rlkit.orchestration.engine_pool.as_pool`); on actors the two
+    kinds run concurrently. Returns (completions per request, logprobs per continuation, engine
+    calls made).
     """
-    from rlkit.orchestration.engine_pool import Call, EnginePool
+    from rlkit.orchestration.engine_pool import as_pool
 
-    pool = engines if isinstance(engines, EnginePool) else None  # its calls survive engine deaths
-    if pool is not None:
-        engines = pool.actors
-    engines = list(engines) if isinstance(engines, (list, tuple)) else [engines]
-    if not engines:
+    if isinstance(engines, (list, tuple)) and not engines:
         raise ValueError("no engines to probe with")
-    k = len(engines)
-    gen_shards = [requests[s::k] for s in range(k)]
-    score_shards = [(prefixes[s::k], continuations[s::k]) for s in range(k)]
-    gen_jobs = [(s, e) for s, e in enumerate(engines) if gen_shards[s]]
-    score_jobs = [(s, e) for s, e in enumerate(engines) if score_shards[s][0]]
-    actors = [_is_actor(e) for e in engines]
-    if any(actors) and not all(actors):
-        raise TypeError("mix of Ray actor handles and local engines; pass one kind")
-    if all(actors):
-        if pool is not None:
-            res = pool.run([Call(s, "generate", (gen_shards[s],)) for s, _ in gen_jobs]
-                           + [Call(s, "score", score_shards[s]) for s, _ in score_jobs])
-        else:
-            import ray
-
-            futs = [e.generate.remote(gen_shards[s]) for s, e in gen_jobs]
-            futs += [e.score.remote(*score_shards[s]) for s, e in score_jobs]
-            res = ray.get(futs)
-        gen_res = [r[0] for r in res[: len(gen_jobs)]]
-        score_res = res[len(gen_jobs):]
-    else:
-        gen_res = [e.generate(gen_shards[s]) for s, e in gen_jobs]
-        score_res = [e.score(*score_shards[s]) for s, e in score_jobs]
-    per_req: list[list[Completion]] = [[] for _ in requests]
-    for (s, _), comps in zip(gen_jobs, gen_res):
-        off = 0
-        for i in range(s, len(requests), k):
-            n = requests[i].params.n
-            per_req[i] = list(comps[off: off + n])
-            off += n
-        if off != len(comps):
-            raise RuntimeError(f"engine {s} returned {len(comps)} completions, expected {off}")
-    scores: list[list[float]] = [[] for _ in prefixes]
-    for (s, _), out in zip(score_jobs, score_res):
-        scores[s::k] = list(out)
-    return per_req, scores, len(gen_jobs) + len(score_jobs)
+    return as_pool(engines).generate_and_score(requests, prefixes, continuations)
 
 
 def _confidence(comps: list[Completion]) -> float:
@@ -257,7 +212,7 @@ def run_step_probes(
     seed: int = 0,
     boundaries: Sequence[Sequence[int]] | None = None,
 ) -> ProbeResult:
-    """Segment every response and probe every step boundary of the batch (spec §2.1–2.2).
+    """Segment every response and probe every step boundary of the batch (docs/algorithms.md §2.1–2.2).
 
     Args:
         engines: one engine or a list (local engines or Ray ``RolloutWorker`` handles).
@@ -265,7 +220,7 @@ def run_step_probes(
         prompts: B prompt token ids (chat template applied), one per response.
         responses: B response token ids.
         answers: B gold answers (None or empty: the response is not probed).
-        p: :class:`ProbeParams` (defaults: spec §2.5).
+        p: :class:`ProbeParams` (defaults: docs/algorithms.md §2.5).
         seed: base seed; sample seeds derive from (seed, response, step), so results do not depend
             on how requests are sharded. Pass a per-RL-step seed.
         boundaries: precomputed boundary positions (skips segmentation).

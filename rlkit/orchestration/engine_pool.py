@@ -35,7 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rollout.engine import Completion, RolloutRequest, split_per_request
+from rollout.engine import Completion, RolloutRequest, reassemble, round_robin, split_per_request
+from rollout.pool import LocalEnginePool
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,17 @@ class EnginePool:
         self.last_sync: dict[str, float] = {}  # what the last collective/IPC sync reported (bytes, seconds)
         self._guidance_seen: list[dict[str, int]] = [{} for _ in self.specs]  # last counters read per engine
 
+    @classmethod
+    def from_actors(cls, actors: list[Any]) -> EnginePool:
+        """A pool over ``RolloutWorker`` actors made elsewhere: same calls, no restarts (it does not
+        know how to recreate them) and nothing owned."""
+        pool = cls.__new__(cls)
+        pool.specs, pool.max_restarts, pool.log, pool.owned = [], 0, logger.warning, []
+        pool.actors, pool.restarts, pool.events = list(actors), [0] * len(actors), []
+        pool._state, pool.version, pool.weight_sync, pool._learner, pool.last_sync = None, None, None, None, {}
+        pool._guidance_seen = [{} for _ in actors]
+        return pool
+
     # ------------------------------------------------------------------ lifecycle
     @staticmethod
     def _start(spec: EngineSpec):
@@ -144,7 +156,7 @@ class EnginePool:
             return  # another failed call on the same dead actor already restarted it
         detected_at = time.time()
         reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-        if self.restarts[k] >= self.max_restarts:
+        if self.restarts[k] >= self.max_restarts or not self.specs:
             raise EngineFailure(
                 f"rollout engine {k} died ({reason}) and was already recreated {self.restarts[k]} time(s): "
                 f"cluster.max_actor_restarts={self.max_restarts} reached") from err
@@ -210,15 +222,13 @@ class EnginePool:
 
         Returns ``(completions, seconds of the slowest engine)``.
         """
-        E = len(self.actors)
-        shards = [requests[k::E] for k in range(E)]
-        calls = [Call(k, "generate", (s,)) for k, s in enumerate(shards) if s]
+        shards = round_robin(len(requests), len(self.actors))
+        calls = [Call(k, "generate", ([requests[i] for i in idx],)) for k, idx in enumerate(shards) if idx]
         out = self.run(calls)
-        per_req: list[list[Completion]] = [[] for _ in requests]
+        results = [[] for _ in shards]
         for c, (comps, _secs) in zip(calls, out):
-            for i, cs in zip(range(c.engine, len(requests), E), split_per_request(c.args[0], comps)):
-                per_req[i] = cs
-        return [x for cs in per_req for x in cs], max((s for _, s in out), default=0.0)
+            results[c.engine] = comps
+        return reassemble(requests, shards, results), max((s for _, s in out), default=0.0)
 
     def score(self, prefixes: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
         """Teacher-forced log-probabilities of each continuation given its prefix (sharded, order kept)."""
@@ -228,6 +238,28 @@ class EnginePool:
         for c, rows in zip(calls, self.run(calls)):
             out[c.engine::E] = list(rows)
         return out
+
+    def generate_and_score(self, requests: list[RolloutRequest], prefixes: list[list[int]],
+                           continuations: list[list[int]]) -> tuple[list[list[Completion]], list[list[float]], int]:
+        """``generate`` and ``score`` submitted together (they run concurrently on the engines).
+
+        Returns (completions per request, log-probs per continuation, engine calls made).
+        """
+        E = len(self.actors)
+        gen = [(k, idx) for k, idx in enumerate(round_robin(len(requests), E)) if idx]
+        sc = [(k, idx) for k, idx in enumerate(round_robin(len(prefixes), E)) if idx]
+        res = self.run([Call(k, "generate", ([requests[i] for i in idx],)) for k, idx in gen]
+                       + [Call(k, "score", ([prefixes[i] for i in idx], [continuations[i] for i in idx]))
+                          for k, idx in sc])
+        per_req: list[list[Completion]] = [[] for _ in requests]
+        for (_, idx), (comps, _secs) in zip(gen, res[: len(gen)]):
+            for i, cs in zip(idx, split_per_request([requests[i] for i in idx], comps)):
+                per_req[i] = cs
+        scores: list[list[float]] = [[] for _ in prefixes]
+        for (_, idx), rows in zip(sc, res[len(gen):]):
+            for i, r in zip(idx, rows):
+                scores[i] = list(r)
+        return per_req, scores, len(gen) + len(sc)
 
     def score_each(self, prefixes: list[list[int]], continuations: list[list[int]]) -> list[list[list[float]]]:
         """The same rows scored by every engine (not sharded): one result per engine, in engine order."""
@@ -311,3 +343,17 @@ class EnginePool:
                 out[key] += v - self._guidance_seen[k].get(key, 0)
             self._guidance_seen[k] = dict(now)
         return {f"budget_guidance/{k.replace('_row_steps', '_steps')}": v for k, v in out.items()}
+
+
+def as_pool(engines: Any) -> EnginePool | LocalEnginePool:
+    """An engine pool for ``engines``: a pool as is; Ray ``RolloutWorker`` actor handles (one or a
+    list) as an :class:`EnginePool`; engine objects in this process as a ``LocalEnginePool``."""
+    if isinstance(engines, (EnginePool, LocalEnginePool)):
+        return engines
+    import ray
+
+    items = list(engines) if isinstance(engines, (list, tuple)) else [engines]
+    actors = [isinstance(e, ray.actor.ActorHandle) for e in items]
+    if any(actors) and not all(actors):
+        raise TypeError("a mix of Ray actor handles and local engines; pass one kind")
+    return EnginePool.from_actors(items) if items and all(actors) else LocalEnginePool(items)

@@ -1,4 +1,4 @@
-"""Train the budget-guidance predictor (spec §4.3) on the model's own completions.
+"""Train the budget-guidance predictor (docs/algorithms.md §4.3) on the model's own completions.
 
     python -m rlkit.tools.budget_train --model smollm2-135m-instruct --out runs/budget_predictor
     rlkit train-budget-predictor --recipe recipes/quickstart.yaml --out runs/budget_predictor_smollm2
