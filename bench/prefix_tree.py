@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     params = TEMPOParams()  # pad-aware; id 0 is never a real token, so the raw-id reference agrees
     tempo_advantage(subset(inp, min(B, 2 * a.group_size)), params)  # warm-up
     t_rlkit = time_it(lambda: tempo_advantage(inp, params), a.repeats)
-    full = tempo_advantage(inp, params)
-    branch_frac = inp.extras["metrics"]["tempo/branch_frac"]
+    out = tempo_advantage(inp, params)
+    full, branch_frac = out.advantages_BT, out.metrics["tempo/branch_frac"]
     print(f"batch: {a.groups} groups x {a.group_size} responses x {a.length} tokens "
           f"({int(inp.response_mask_BT.sum())} valid tokens, branch tokens {branch_frac:.2e} of them), "
           f"torch threads {a.threads}")

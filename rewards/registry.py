@@ -23,7 +23,6 @@ columns the verifier's signature cannot accept, and runs coroutines to completio
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -34,6 +33,8 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
 from typing import Any, TypeVar
+
+from rlkit.common import nearest
 
 RewardFn = Callable[..., Any]
 """``(completions: list[str], **columns) -> list[float | None]``."""
@@ -115,8 +116,8 @@ def lookup(spec: str) -> Any:
         for part in attr.split("."):
             if not hasattr(obj, part):
                 public = [n for n in dir(module) if not n.startswith("_")]
-                near = difflib.get_close_matches(attr, public, n=1)
-                hint = f"; did you mean {near[0]!r}?" if near else ""
+                near = nearest(attr, public, cutoff=0.6)
+                hint = f"; did you mean {near!r}?" if near else ""
                 raise UnknownRewardError(f"{target!r} has no attribute {attr!r}{hint}")
             obj = getattr(obj, part)
         return obj
@@ -124,8 +125,8 @@ def lookup(spec: str) -> Any:
     if ep is not None:
         return ep
     names = list_rewards()
-    near = difflib.get_close_matches(spec, names, n=1)
-    hint = f" Did you mean {near[0]!r}?" if near else ""
+    near = nearest(spec, names, cutoff=0.6)
+    hint = f" Did you mean {near!r}?" if near else ""
     raise UnknownRewardError(
         f"unknown reward {spec!r}.{hint} Registered: {', '.join(names) or '(none)'}. "
         "Use 'pkg.module:function' or 'path/to/file.py:function' for your own verifiers."

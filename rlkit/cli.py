@@ -208,6 +208,9 @@ def _cmd_config(args: argparse.Namespace) -> int:
         return 0
     cfg = load_config(args.recipe, args.overrides)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    from rlkit.methods import active_stages
+
+    print(f"# method stages of this run: {', '.join(s.name for s in active_stages(cfg)) or 'none'}")
     return 0
 
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlkit.algorithms import ADVANTAGES, AdvantageInputs, GRPOParams, group_stats
+from rlkit.algorithms import ADVANTAGES, AdvantageInputs, AdvantageOutput, GRPOParams, group_stats
 
 # Interleaved, arbitrary group ids: group 7 = [1, 0, 0, 1], group 3 = [1, 1, 1], group -5 = [0.7].
 GROUP_IDS = torch.tensor([7, 3, 7, -5, 7, 3, 3, 7])
@@ -21,7 +21,8 @@ MASK = (torch.arange(T)[None, :] < LENGTHS[:, None]).to(torch.float64)  # [8, 3]
 
 def _adv(name: str, **kwargs: float) -> torch.Tensor:
     inp = AdvantageInputs(rewards_B=REWARDS, group_ids_B=GROUP_IDS, response_mask_BT=MASK)
-    return ADVANTAGES.get(name).fn(inp, ADVANTAGES.build_params(name, kwargs))
+    out = ADVANTAGES.get(name).fn(inp, ADVANTAGES.build_params(name, kwargs))
+    return AdvantageOutput.of(out).advantages_BT
 
 
 def _expect(per_response: list[float]) -> torch.Tensor:

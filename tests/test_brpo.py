@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rlkit.algorithms.brpo as brpo_mod
-from rlkit.algorithms import ADVANTAGES, AdvantageInputs
+from rlkit.algorithms import ADVANTAGES, AdvantageInputs, AdvantageOutput
 from rlkit.algorithms.brpo import (
     BudgetPrior,
     brpo_summary_advantages,
@@ -239,7 +239,10 @@ def _toy_inputs():
 
 def test_registered_brpo_places_segment_and_summary_advantages() -> None:
     inp, rbar = _toy_inputs()
-    adv = ADVANTAGES.get("brpo").fn(inp, ADVANTAGES.build_params("brpo", {}))
+    extras_before = dict(inp.extras)
+    out = ADVANTAGES.get("brpo").fn(inp, ADVANTAGES.build_params("brpo", {}))
+    assert isinstance(out, AdvantageOutput)
+    adv = out.advantages_BT
     parts = brpo_thinking_advantages(rbar, torch.full((3,), 1 / 3), torch.tensor([0, 0]))["adv"]
     seg = [0, 0, 1, 1, 2]
     expected_think = torch.stack([parts[0, seg], parts[1, seg]]).float() * inp.response_mask_BT[:2]
@@ -247,10 +250,13 @@ def test_registered_brpo_places_segment_and_summary_advantages() -> None:
     # summaries of prompt 1 score [1, 1, 0] -> baseline 2/3
     torch.testing.assert_close(adv[2:], torch.tensor([[1 / 3, 1 / 3, 0, 0, 0], [1 / 3, 0, 0, 0, 0],
                                                       [-2 / 3, -2 / 3, -2 / 3, 0, 0]]))
-    m = inp.extras["metrics"]
+    m = out.metrics
     assert m["brpo/score@4"] == pytest.approx(0.5) and "brpo/summary_adv_abs_mean" in m
-    seg_map = inp.extras["token_maps"]["brpo_segment"]
+    seg_map = out.token_maps["brpo_segment"]
     assert seg_map[0].tolist() == [0, 0, 1, 1, 2] and seg_map[2].tolist() == [-1] * 5
+    # diagnostics are returned, the inputs are not modified
+    assert inp.extras.keys() == extras_before.keys() and "metrics" not in inp.extras
+    assert all(inp.extras[k] is v for k, v in extras_before.items())
     with pytest.raises(ValueError, match="unknown parameter 'variance'"):
         ADVANTAGES.build_params("brpo", {"variance": "none"})
 
@@ -330,7 +336,7 @@ def test_sample_summaries_end_to_end(hf_engine) -> None:
     rows = brpo_rows(thinking, group_ids, samples, scores, ap)
     batch = build_batch(rows.prompts, rows.responses, pad_id=hf_engine.pad_id, rollout_logprobs=rows.logprobs)
     inp = AdvantageInputs(rows.rewards_B, rows.group_ids_B, batch.response_mask_BT, extras=rows.extras)
-    adv = ADVANTAGES.get("brpo").fn(inp, ADVANTAGES.build_params("brpo", {}))
+    adv = ADVANTAGES.get("brpo").fn(inp, ADVANTAGES.build_params("brpo", {})).advantages_BT
     N = len(thinking)
     assert adv.shape == batch.response_mask_BT.shape
     assert bool((adv[batch.response_mask_BT == 0] == 0).all())

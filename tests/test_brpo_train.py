@@ -63,7 +63,7 @@ def test_batch_from_thinking_and_summaries_carries_brpo_rows_advantages() -> Non
 
     ref = build_batch(rows.prompts, rows.responses, pad_id=0, rollout_logprobs=rows.logprobs)
     inp = AdvantageInputs(rows.rewards_B, rows.group_ids_B, ref.response_mask_BT, extras=dict(rows.extras))
-    ref_adv = ADVANTAGES.get("brpo").fn(inp, p)
+    ref_adv = ADVANTAGES.get("brpo").fn(inp, p).advantages_BT
     assert torch.equal(batch.input_ids_BS, ref.input_ids_BS)
     torch.testing.assert_close(batch.response_mask_BT, ref.response_mask_BT)
     torch.testing.assert_close(rewards_B, rows.rewards_B)

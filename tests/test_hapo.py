@@ -13,6 +13,7 @@ from rlkit.algorithms import (
     ADVANTAGES,
     POLICY_LOSSES,
     AdvantageInputs,
+    AdvantageOutput,
     EntropyStats,
     HAPOAdvantageParams,
     HAPOLossParams,
@@ -215,33 +216,38 @@ def _release_advantage(rewards, group_ids, mask, eps=1e-6, norm=True, thr=5.0, o
 def test_token_mean_worked_example_a() -> None:
     mask = _lengths_mask([4, 5, 6])
     inp = AdvantageInputs(torch.tensor([1.0, -1.0, -1.0]), torch.zeros(3, dtype=torch.long), mask)
-    adv = hapo_token_mean_advantage(inp, HAPOAdvantageParams())
+    out = hapo_token_mean_advantage(inp, HAPOAdvantageParams())
+    assert isinstance(out, AdvantageOutput)
+    adv = out.advantages_BT
     # μ = (4 - 5 - 6)/15 = -7/15; σ² = (4(22/15)² + 11(8/15)²)/15 -> σ = 0.884433
     assert _lists(adv[:, 0]) == pytest.approx([1.658311, -0.603022, -0.603022], abs=1e-5)
     assert torch.equal(adv, adv[:, :1] * mask)  # constant per response, zeros on padding
-    assert inp.extras["metrics"]["hapo_token_mean/fallback_group_frac"] == 0.0
+    assert out.metrics["hapo_token_mean/fallback_group_frac"] == 0.0
+    assert "metrics" not in inp.extras  # diagnostics are returned, the inputs are not modified
     # release value on padded positions: (0 - μ)/(σ + eps) = 0.527644, below 5 -> same result
     ref = _release_advantage(inp.rewards_B, inp.group_ids_B, mask, on_padding=True)
     assert torch.allclose(ref, adv, atol=1e-6)
     mu, sd = -7 / 15, math.sqrt(2640 / 3375)
     assert -mu / (sd + 1e-6) == pytest.approx(0.527644, abs=1e-6)
-    released = hapo_token_mean_advantage(inp, HAPOAdvantageParams(fallback_on_padding=True))
+    released = hapo_token_mean_advantage(inp, HAPOAdvantageParams(fallback_on_padding=True)).advantages_BT
     assert torch.equal(released, adv)
     # Dr.GRPO-style: R - μ
-    no_std = hapo_token_mean_advantage(inp, HAPOAdvantageParams(norm_by_std=False))
+    no_std = hapo_token_mean_advantage(inp, HAPOAdvantageParams(norm_by_std=False)).advantages_BT
     assert _lists(no_std[:, 0]) == pytest.approx([22 / 15, -8 / 15, -8 / 15], abs=1e-6)
 
 
 def test_token_mean_fallback_worked_example_a() -> None:
     mask = _lengths_mask([10, 1000, 1000, 1000])
     inp = AdvantageInputs(torch.tensor([1.0, -1.0, -1.0, -1.0]), torch.zeros(4, dtype=torch.long), mask)
-    adv = hapo_token_mean_advantage(inp, HAPOAdvantageParams())
+    out = hapo_token_mean_advantage(inp, HAPOAdvantageParams())
+    adv = out.advantages_BT
     # token-level: μ = -0.993355, σ = 0.115086 -> A_0 = 17.32 >= 5 -> GRPO [1.5, -0.5, -0.5, -0.5]
     assert _lists(adv[:, 0]) == pytest.approx([1.5, -0.5, -0.5, -0.5], abs=1e-5)
     assert torch.all(adv[0, 10:] == 0) and torch.equal(adv, adv[:, :1] * mask)
-    assert inp.extras["metrics"]["hapo_token_mean/fallback_group_frac"] == 1.0
+    assert out.metrics["hapo_token_mean/fallback_group_frac"] == 1.0
+    assert "metrics" not in inp.extras
     # no fallback when the threshold is raised: the token-level values themselves
-    raw = hapo_token_mean_advantage(inp, HAPOAdvantageParams(fallback_threshold=100.0))
+    raw = hapo_token_mean_advantage(inp, HAPOAdvantageParams(fallback_threshold=100.0)).advantages_BT
     assert _lists(raw[:, 0]) == pytest.approx([17.32, -0.0577, -0.0577, -0.0577], abs=5e-3)
 
 
@@ -249,8 +255,8 @@ def test_token_mean_padding_quirk_triggers_fallback() -> None:
     """R = [10, 10.1], lengths [2, 3], T = 4: valid |A| < 5 but (0 - μ)/σ ≈ -205 on padding."""
     mask = _lengths_mask([2, 3], T=4)
     inp = AdvantageInputs(torch.tensor([10.0, 10.1]), torch.zeros(2, dtype=torch.long), mask)
-    fixed = hapo_token_mean_advantage(inp, HAPOAdvantageParams())
-    quirk = hapo_token_mean_advantage(inp, HAPOAdvantageParams(fallback_on_padding=True))
+    fixed = hapo_token_mean_advantage(inp, HAPOAdvantageParams()).advantages_BT
+    quirk = hapo_token_mean_advantage(inp, HAPOAdvantageParams(fallback_on_padding=True)).advantages_BT
     # μ = 10.06, σ = sqrt(0.0024) -> A = [-1.224745, 0.816497]; GRPO: ±0.1/(0.0707107) -> ±0.707107
     assert _lists(fixed[:, 0]) == pytest.approx([-1.224745, 0.816497], abs=1e-4)
     assert _lists(quirk[:, 0]) == pytest.approx([-0.707107, 0.707107], abs=1e-4)
@@ -270,7 +276,7 @@ def test_token_mean_matches_release_loop_on_random_groups(on_padding: bool, norm
     mask = _lengths_mask(lengths, T)
     for thr in (5.0, 1.2):  # 1.2 makes some groups fall back
         p = HAPOAdvantageParams(norm_by_std=norm, fallback_threshold=thr, fallback_on_padding=on_padding)
-        got = hapo_token_mean_advantage(AdvantageInputs(rewards, group_ids, mask), p)
+        got = hapo_token_mean_advantage(AdvantageInputs(rewards, group_ids, mask), p).advantages_BT
         ref = _release_advantage(rewards, group_ids, mask, norm=norm, thr=thr, on_padding=on_padding)
         assert torch.allclose(got, ref, atol=1e-5), (thr, got - ref)
 
@@ -279,7 +285,7 @@ def test_token_mean_edge_groups() -> None:
     # singleton group -> R - R = 0; a group whose responses are all empty -> 0, no NaN
     mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
     inp = AdvantageInputs(torch.tensor([1, 1, 0, 1, 0]), torch.tensor([0, 1, 1, 2, 2]), mask)
-    adv = hapo_token_mean_advantage(inp, HAPOAdvantageParams())
+    adv = hapo_token_mean_advantage(inp, HAPOAdvantageParams()).advantages_BT
     assert adv.dtype == torch.float32 and torch.isfinite(adv).all()
     assert torch.all(adv[:3] == 0)
     # group 2: lengths [1, 3], R = [1, 0] -> μ = 0.25, σ = sqrt(3)/4 -> A = [sqrt(3), -1/sqrt(3)]

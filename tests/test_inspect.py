@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlkit.algorithms import ADVANTAGES, AdvantageInputs, compute_entropy_h
+from rlkit.algorithms import ADVANTAGES, AdvantageInputs, AdvantageOutput, compute_entropy_h
 from rlkit.algorithms.spae import find_step_boundaries, pad_steps
 from rlkit.cli import main
 from rlkit.tools.inspector import (
@@ -85,8 +85,10 @@ def _dump(run_dir: Path, step: int, maps: dict, meta: dict | None = None) -> Pat
 
 def _method_maps(method: str) -> tuple[dict, AdvantageInputs]:
     inp = _inputs()
-    adv_BT = ADVANTAGES.get(method).fn(inp, ADVANTAGES.build_params(method))
-    maps = {"advantage": adv_BT, **inp.extras.get("token_maps", {})}
+    extras_keys = set(inp.extras)
+    out = AdvantageOutput.of(ADVANTAGES.get(method).fn(inp, ADVANTAGES.build_params(method)))
+    assert set(inp.extras) == extras_keys  # diagnostics are returned, the inputs are not modified
+    maps = {"advantage": out.advantages_BT, **out.token_maps}
     if method == "hapo_token_mean":
         maps["entropy"] = inp.entropy_BT
     return maps, inp

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from rlkit.algorithms import ADVANTAGES, AdvantageInputs
+from rlkit.algorithms import ADVANTAGES, AdvantageInputs, AdvantageOutput
 from rlkit.algorithms.spae import (
     SPAEParams,
     difference_shaping,
@@ -48,6 +48,11 @@ F_R0 = [1, 1, 1, 0.6839, 0.5677]
 G = [[-0.1646, -0.0781, 1.1814, -0.1373, -0.1601], [-0.1646, 0.1285, 0.3643], [-0.1646, -0.5369, -0.2681]]
 A_STEP = [[0.2510, 0.2943, 0.9240, 0.1593, 0.1092], [0.2510, 0.3976, 0.5155], [-0.7490, -0.9351, -0.8007]]
 A_FINAL = [[0.3962, 0.4710, 1.5595, 0.2377, 0.1511], [0.3962, 0.6495, 0.8533], [-1.3322, -1.6539, -1.4216]]
+
+
+def _assert_extras_untouched(inp: AdvantageInputs) -> None:
+    """Diagnostics come back in the AdvantageOutput; the estimator never writes ``inp.extras``."""
+    assert "metrics" not in inp.extras and "token_maps" not in inp.extras
 
 
 def _example_inputs(T: int = 10, tail: list[int] | None = None) -> AdvantageInputs:
@@ -99,20 +104,22 @@ def test_worked_example_step_quantities() -> None:
 
 
 def test_worked_example_step_advantage_before_standardisation() -> None:
-    adv = spae_advantage(_example_inputs(), SPAEParams(standardize=False))
+    adv = spae_advantage(_example_inputs(), SPAEParams(standardize=False)).advantages_BT
     _assert_close(_per_step(adv), A_STEP)
 
 
 def test_worked_example_final_advantage() -> None:
     inp = _example_inputs()
-    adv = spae_advantage(inp, SPAEParams())  # defaults: α = ξ = 0.5, ε_sat = 0.9, population std
+    out = spae_advantage(inp, SPAEParams())  # defaults: α = ξ = 0.5, ε_sat = 0.9, population std
+    adv = out.advantages_BT
     _assert_close(_per_step(adv), A_FINAL)
     # every token of a step carries the step's value; token mean 0.0218, population std 0.5786
     for i in range(len(LENS)):
         starts = [0, *[b + 1 for b in BOUNDS[i][:-1]]]
         for s, b in zip(starts, BOUNDS[i]):
             assert torch.allclose(adv[i, s : b + 1], adv[i, b].expand(b + 1 - s))
-    m = inp.extras["metrics"]
+    _assert_extras_untouched(inp)
+    m = out.metrics
     assert m["spae/adv_mean_raw"] == pytest.approx(0.0218, abs=TOL)
     assert m["spae/adv_std_raw"] == pytest.approx(0.5786, abs=TOL)
     assert m["spae/saturation_count"] == 3.0
@@ -126,10 +133,13 @@ def test_worked_example_final_advantage() -> None:
 def test_token_maps_and_registry() -> None:
     inp = _example_inputs()
     entry = ADVANTAGES.get("spae")
-    adv = entry.fn(inp, ADVANTAGES.build_params("spae", {}))
+    out = entry.fn(inp, ADVANTAGES.build_params("spae", {}))
+    assert isinstance(out, AdvantageOutput)
+    adv = out.advantages_BT
     assert ADVANTAGES.build_params("spae", {}) == SPAEParams(alpha=0.5, xi=0.5, eps_sat=0.9)
     assert getattr(entry.params, "needs_step_probes", False)
-    maps = inp.extras["token_maps"]
+    _assert_extras_untouched(inp)
+    maps = out.token_maps
     for key in ("spae/potential", "spae/step_boundary", "spae/sat_factor", "spae/shaping"):
         assert maps[key].shape == adv.shape
     assert maps["spae/step_boundary"].sum() == 11
@@ -144,7 +154,7 @@ def test_tail_tokens_and_responses_without_steps() -> None:
     """Tail tokens: f with C_sat over all K steps and g = 0; K = 0: plain group advantage (§2.4)."""
     inp = _example_inputs(T=14, tail=[3, 0, 0])
     inp.rewards_B = torch.tensor([1.0, 1.0, 0.0])
-    adv = spae_advantage(inp, SPAEParams(standardize=False))
+    adv = spae_advantage(inp, SPAEParams(standardize=False)).advantages_BT
     _assert_close(_per_step(adv), A_STEP)  # tail tokens do not enter the step statistics
     f_total = 1 - 0.5 * (1 - math.exp(-3))  # r0 has 3 saturated steps
     assert adv[0, 10:13].tolist() == pytest.approx([f_total / 3] * 3, abs=1e-6)
@@ -158,10 +168,12 @@ def test_tail_tokens_and_responses_without_steps() -> None:
                 "spae_acc_BK": torch.tensor([[0.5], [0.0], [0.0]]),
                 "spae_conf_BK": torch.tensor([[0.5], [0.0], [0.0]])},
     )
-    adv2 = spae_advantage(inp2, SPAEParams(standardize=False))
+    out2 = spae_advantage(inp2, SPAEParams(standardize=False))
+    adv2 = out2.advantages_BT
     # one step in the batch: min-max range 0 -> g = 0; all f = 1
     assert torch.allclose(adv2, torch.tensor([[0.5, 0.5, 0.5, 0], [-0.5] * 4, [1, 1, 0, 0]]), atol=1e-6)
-    assert inp2.extras["metrics"]["spae/no_step_frac"] == pytest.approx(2 / 3)
+    assert out2.metrics["spae/no_step_frac"] == pytest.approx(2 / 3)
+    _assert_extras_untouched(inp2)
 
 
 def _reference_loop(rewards, groups, lens_T, bounds, acc, conf, p: SPAEParams, T: int) -> torch.Tensor:
@@ -215,15 +227,15 @@ def test_vectorised_matches_reference_loop(seed: int) -> None:
     inp = AdvantageInputs(torch.tensor(rewards), torch.tensor(groups), mask, extras={
         "spae_boundaries_BK": pad_steps(bounds, -1, torch.long),
         "spae_acc_BK": pad_steps(acc, 0.0, torch.float64), "spae_conf_BK": pad_steps(conf, 0.0, torch.float64)})
-    got = spae_advantage(inp, p)
+    got = spae_advantage(inp, p).advantages_BT
     want = _reference_loop(rewards, groups, lens_T, bounds, acc, conf, p, T)
     assert torch.allclose(got.double(), want, atol=1e-5)
 
 
 def test_token_weighted_shaping_scope() -> None:
-    step = spae_advantage(_example_inputs(), SPAEParams(standardize=False))
+    step = spae_advantage(_example_inputs(), SPAEParams(standardize=False)).advantages_BT
     tok_inp = _example_inputs()
-    tok = spae_advantage(tok_inp, SPAEParams(standardize=False, shaping_scope="token"))
+    tok = spae_advantage(tok_inp, SPAEParams(standardize=False, shaping_scope="token")).advantages_BT
     # token-weighted E_B: exp(ΔΦ̃) weighted by step lengths; only the centring constant changes
     dphi = [d for row in DPHI for d in row]
     w = [n for row in LENS for n in row]
@@ -238,9 +250,10 @@ def test_step_boundary_map_with_padded_steps() -> None:
         "spae_boundaries_BK": torch.tensor([[0, 2], [0, -1]]),
         "spae_acc_BK": torch.tensor([[0.2, 0.9], [0.1, float("nan")]]),  # padding values are ignored
         "spae_conf_BK": torch.tensor([[0.3, 0.8], [0.4, float("nan")]])})
-    adv = spae_advantage(inp, SPAEParams())
-    assert torch.isfinite(adv).all()
-    assert inp.extras["token_maps"]["spae/step_boundary"].tolist() == [[1, 0, 1, 0], [1, 0, 0, 0]]
+    out = spae_advantage(inp, SPAEParams())
+    assert torch.isfinite(out.advantages_BT).all()
+    assert out.token_maps["spae/step_boundary"].tolist() == [[1, 0, 1, 0], [1, 0, 0, 0]]
+    _assert_extras_untouched(inp)
 
 
 def test_bad_extras_raise() -> None:
@@ -363,10 +376,12 @@ def test_probes_end_to_end_one_call_per_kind(engine) -> None:
                         pad_id=engine.pad_id)
     inp = AdvantageInputs(rewards_B=torch.tensor([1.0, 0.0, 0.0, 1.0]), group_ids_B=torch.tensor([0, 0, 1, 1]),
                           response_mask_BT=batch.response_mask_BT, extras=res.extras())
-    adv = spae_advantage(inp, SPAEParams())
+    out = spae_advantage(inp, SPAEParams())
+    adv = out.advantages_BT
     assert adv.shape == batch.response_mask_BT.shape
     assert torch.isfinite(adv).all() and adv[batch.response_mask_BT == 0].abs().sum() == 0
-    assert inp.extras["metrics"]["spae/num_steps_mean"] == pytest.approx(n_probes / 4)
+    assert out.metrics["spae/num_steps_mean"] == pytest.approx(n_probes / 4)
+    _assert_extras_untouched(inp)
 
 
 def test_probe_values_match_direct_model_computation(engine) -> None:
@@ -441,7 +456,8 @@ def test_probe_result_extras_shapes() -> None:
     empty = ProbeResult(boundaries=[[], []], acc=[[], []], conf=[[], []]).extras()
     assert empty["spae_boundaries_BK"].shape == (2, 0)
     inp = AdvantageInputs(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), torch.ones(2, 3), extras=empty)
-    assert spae_advantage(inp, SPAEParams(standardize=False)).tolist() == [[0.5] * 3, [-0.5] * 3]
+    adv = spae_advantage(inp, SPAEParams(standardize=False)).advantages_BT
+    assert adv.tolist() == [[0.5] * 3, [-0.5] * 3]
 
 
 @pytest.mark.slow

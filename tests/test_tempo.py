@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlkit.algorithms import ADVANTAGES, AdvantageInputs, TEMPOParams, build_prefix_tree
+from rlkit.algorithms import ADVANTAGES, AdvantageInputs, AdvantageOutput, TEMPOParams, build_prefix_tree
 
 # ---------------------------------------------------------------------------------------------
 # Straightforward references (test-only): §1.4 loop and §1.3 set formula, on Python lists.
@@ -89,8 +89,19 @@ def _inputs(ids, mask, rewards, gids, dtype=torch.float64) -> AdvantageInputs:
     )
 
 
+def _tempo_out(inp: AdvantageInputs, **kwargs) -> AdvantageOutput:
+    out = ADVANTAGES.get("tempo").fn(inp, ADVANTAGES.build_params("tempo", kwargs))
+    assert isinstance(out, AdvantageOutput)
+    return out
+
+
 def _tempo(inp: AdvantageInputs, **kwargs) -> torch.Tensor:
-    return ADVANTAGES.get("tempo").fn(inp, ADVANTAGES.build_params("tempo", kwargs))
+    return _tempo_out(inp, **kwargs).advantages_BT
+
+
+def _assert_extras_untouched(inp: AdvantageInputs) -> None:
+    """Diagnostics come back in the AdvantageOutput; the estimator never writes ``inp.extras``."""
+    assert "metrics" not in inp.extras and "token_maps" not in inp.extras
 
 
 # docs/algorithms.md §1.7: G = 3, PAD = 0, L = 5.
@@ -103,7 +114,8 @@ def test_worked_example_spec_1_7() -> None:
     # mu = 2/3, sigma = sqrt(1/3) = 0.577350; raw TD: resp0 [0, -1/6, +1/2, 0], resp1 [0, -1/6, -1/2,
     # 0, 0], resp2 [0, +1/3, 0, 0]; e.g. resp0 t=2: (1 - 2/3 + 1/2) / (0.577350 + 1e-6) = 1.443373.
     inp = _inputs(EX_IDS, EX_MASK, EX_R, [0, 0, 0])
-    got = _tempo(inp)
+    out = _tempo_out(inp)
+    got = out.advantages_BT
     expected = torch.tensor(
         [
             [0.577349, 0.288675, 1.443373, 0.577349, 0.000000],
@@ -117,7 +129,8 @@ def test_worked_example_spec_1_7() -> None:
 
     sigma = math.sqrt(1 / 3) + 1e-6
     td = torch.tensor([[0, -1 / 6, 1 / 2, 0, 0], [0, -1 / 6, -1 / 2, 0, 0], [0, 1 / 3, 0, 0, 0]]) / sigma
-    maps = inp.extras["token_maps"]
+    _assert_extras_untouched(inp)
+    maps = out.token_maps
     torch.testing.assert_close(maps["tempo/td"], td.float(), atol=1e-5, rtol=0)
     branch = torch.tensor([[0, 1, 1, 0, 0], [0, 1, 1, 0, 0], [0, 1, 0, 0, 0]], dtype=torch.float32)
     torch.testing.assert_close(maps["tempo/branch"], branch)
@@ -125,7 +138,7 @@ def test_worked_example_spec_1_7() -> None:
     value = torch.tensor([[2 / 3, 0.5, 1, 1], [2 / 3, 0.5, 0, 0], [2 / 3, 1, 1, 1]], dtype=torch.float64)
     tree = build_prefix_tree(inp.response_ids_BT, inp.response_mask_BT, inp.group_ids_B)
     torch.testing.assert_close(tree.prefix_values(inp.rewards_B)[:, :4], value, atol=1e-12, rtol=0)
-    m = inp.extras["metrics"]
+    m = out.metrics
     assert m["tempo/branch_frac"] == pytest.approx(5 / 13)  # 5 branch tokens of 13 valid
     # |td| at branch tokens: (1/6 + 1/2 + 1/6 + 1/2 + 1/3) / 5 / sigma
     assert m["tempo/mean_abs_td_branch"] == pytest.approx((5 / 3) / 5 / sigma, abs=1e-6)
@@ -145,10 +158,12 @@ def test_worked_example_without_std() -> None:
 
 def test_grpo_plain_off_branches_and_float32() -> None:
     inp = _inputs(EX_IDS, EX_MASK, EX_R, [0, 0, 0], dtype=torch.float32)
-    got = _tempo(inp)
+    out = _tempo_out(inp)
+    got = out.advantages_BT
     grpo = ADVANTAGES.get("grpo").fn(inp, ADVANTAGES.build_params("grpo"))
     assert got.dtype == torch.float32
-    off = inp.extras["token_maps"]["tempo/branch"] == 0
+    _assert_extras_untouched(inp)
+    off = out.token_maps["tempo/branch"] == 0
     torch.testing.assert_close(got[off], grpo[off])  # non-branching tokens: TEMPO == GRPO
     torch.testing.assert_close(grpo[0], torch.tensor([0.577349, 0.577349, 0.577349, 0.577349, 0.0]),
                                atol=1e-5, rtol=0)
@@ -185,10 +200,12 @@ def test_identical_responses_and_equal_rewards() -> None:
     ids = [[3, 1, 4, 1], [3, 1, 4, 1], [3, 1, 4, 1]]
     mask = [[1, 1, 1, 1]] * 3
     inp = _inputs(ids, mask, [1.0, 0.0, 0.0], [0, 0, 0])
-    got = _tempo(inp)
+    out = _tempo_out(inp)
+    got = out.advantages_BT
     grpo = ADVANTAGES.get("grpo").fn(inp, ADVANTAGES.build_params("grpo"))
     torch.testing.assert_close(got, grpo, atol=0, rtol=0)  # TD = 0 all the way
-    assert inp.extras["metrics"]["tempo/branch_frac"] == 0.0
+    assert out.metrics["tempo/branch_frac"] == 0.0
+    _assert_extras_untouched(inp)
     # all rewards equal: sigma = 0, every V equal -> A = 0 even at branch tokens
     eq = _tempo(_inputs(EX_IDS, EX_MASK, [1.0, 1.0, 1.0], [0, 0, 0]))
     torch.testing.assert_close(eq, torch.zeros(3, 5, dtype=torch.float64), atol=1e-9, rtol=0)

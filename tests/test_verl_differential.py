@@ -17,6 +17,7 @@ from rlkit.algorithms import (  # noqa: E402
     KL_ESTIMATORS,
     POLICY_LOSSES,
     AdvantageInputs,
+    AdvantageOutput,
     PolicyLossInputs,
     aggregate,  # noqa: E402
 )
@@ -44,7 +45,8 @@ def _batch(seed: int):
 
 def _ours_adv(name: str, rewards, gids, mask, **params):
     inp = AdvantageInputs(rewards_B=rewards, group_ids_B=gids, response_mask_BT=mask)
-    return ADVANTAGES.get(name).fn(inp, ADVANTAGES.build_params(name, params))
+    out = ADVANTAGES.get(name).fn(inp, ADVANTAGES.build_params(name, params))
+    return AdvantageOutput.of(out).advantages_BT
 
 
 def _token_rewards(rewards, mask):

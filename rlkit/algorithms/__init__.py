@@ -18,7 +18,7 @@ from rlkit.algorithms.registry import (  # noqa: I001  (registry first: the modu
     register_kl_estimator,
     register_policy_loss,
 )
-from rlkit.algorithms.types import AdvantageInputs, PolicyLossInputs
+from rlkit.algorithms.types import AdvantageInputs, AdvantageOutput, PolicyLossInputs
 from rlkit.algorithms.groups import GroupStats, group_index, group_stats
 from rlkit.algorithms.advantages import (
     DrGRPOParams,
@@ -48,6 +48,7 @@ __all__ = [
     "KL_ESTIMATORS",
     "POLICY_LOSSES",
     "AdvantageInputs",
+    "AdvantageOutput",
     "DrGRPOParams",
     "GRPOParams",
     "GSPOParams",

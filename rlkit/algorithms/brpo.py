@@ -37,7 +37,7 @@ from torch import Tensor
 
 from rlkit.algorithms.groups import group_index
 from rlkit.algorithms.registry import register_advantage
-from rlkit.algorithms.types import AdvantageInputs
+from rlkit.algorithms.types import AdvantageInputs, AdvantageOutput
 
 __all__ = [
     "AnytimeParams",
@@ -470,7 +470,7 @@ def brpo_advantage(inp: AdvantageInputs, p: BRPOParams) -> Tensor:
     seg_T = segment_index(budgets_S, T)
     adv_BT = torch.zeros(B, T, dtype=torch.float64)
     adv_BT[think_idx] = parts["adv"][:, seg_T]
-    metrics = inp.extras.setdefault("metrics", {})
+    metrics: dict[str, float] = {}
     if summ_idx.numel():
         parent_B = _extra(inp, "brpo_parent_B").long()
         row_to_n = torch.full((B,), -1, dtype=torch.long)
@@ -492,6 +492,6 @@ def brpo_advantage(inp: AdvantageInputs, p: BRPOParams) -> Tensor:
         metrics["brpo/objective"] = float((rbar_NS * probs_S.to(torch.float64) / probs_S.sum()).sum(-1).mean())
     seg_BT = torch.where(think_B[:, None], seg_T[None, :].expand(B, T), torch.full((B, T), -1))
     seg_BT = torch.where(mask_BT > 0, seg_BT, torch.full_like(seg_BT, -1))
-    inp.extras.setdefault("token_maps", {})["brpo_segment"] = seg_BT.float()  # -1: summary / padding
     out_dtype = mask_BT.dtype if mask_BT.is_floating_point() else torch.float32
-    return (adv_BT * mask_BT.to(torch.float64)).to(out_dtype)
+    return AdvantageOutput((adv_BT * mask_BT.to(torch.float64)).to(out_dtype), metrics,
+                           {"brpo_segment": seg_BT.float()})  # -1: summary / padding

@@ -36,7 +36,7 @@ from rlkit.algorithms.aggregation import masked_mean
 from rlkit.algorithms.groups import group_index
 from rlkit.algorithms.losses import LOG_RATIO_CLAMP, _clipped_surrogate, dual_clip
 from rlkit.algorithms.registry import register_advantage, register_policy_loss
-from rlkit.algorithms.types import AdvantageInputs, PolicyLossInputs
+from rlkit.algorithms.types import AdvantageInputs, AdvantageOutput, PolicyLossInputs
 
 ENTROPY_EPS = 1e-8  # release ``compute_entropy_h`` eps: log clamp, variance clamp, pos/neg clamps
 
@@ -210,7 +210,7 @@ def hapo_token_mean_advantage(inp: AdvantageInputs, p: HAPOAdvantageParams) -> T
 
     Returns:
         advantages_BT [B, T] in the rewards' float dtype (float32 for integer rewards), 0 on
-        padding. Metric ``hapo_token_mean/fallback_group_frac`` goes to ``inp.extras["metrics"]``.
+        padding. Metric ``hapo_token_mean/fallback_group_frac`` is returned in the ``AdvantageOutput``.
     """
     rewards_B = inp.rewards_B if inp.rewards_B.is_floating_point() else inp.rewards_B.float()
     out_dtype = rewards_B.dtype
@@ -241,9 +241,7 @@ def hapo_token_mean_advantage(inp: AdvantageInputs, p: HAPOAdvantageParams) -> T
     if bool(fallback_G.any()):
         grpo_BT = grpo_advantage(inp, GRPOParams(eps=p.eps, norm_by_std=p.norm_by_std)).to(out_dtype)
         token_BT = torch.where(fallback_B[:, None], grpo_BT, token_BT)
-    metrics = inp.extras.setdefault("metrics", {})
-    metrics["hapo_token_mean/fallback_group_frac"] = float(fallback_G.double().mean())
-    return token_BT
+    return AdvantageOutput(token_BT, {"hapo_token_mean/fallback_group_frac": float(fallback_G.double().mean())})
 
 
 # ----------------------------------------------------------------------------- loss (§3.4-3.6)

@@ -42,7 +42,7 @@ from torch import Tensor
 import rlkit.algorithms.advantages  # noqa: F401  (registers the default outcome estimator "grpo")
 from rlkit.algorithms.groups import group_index, group_stats
 from rlkit.algorithms.registry import ADVANTAGES, register_advantage
-from rlkit.algorithms.types import AdvantageInputs
+from rlkit.algorithms.types import AdvantageInputs, AdvantageOutput
 
 __all__ = ["PrefixTree", "TEMPOParams", "build_prefix_tree", "tempo_advantage"]
 
@@ -307,7 +307,7 @@ def tempo_advantage(inp: AdvantageInputs, p: TEMPOParams) -> Tensor:
     ``A_{i,t} = A^outcome_i + (V(s_{t+1}) - V(s_t)) / (sigma_g + eps)`` (no division when
     ``norm_by_std`` is False); with ``outcome="grpo"`` this is the spec's formula exactly.
 
-    Diagnostics written to ``inp.extras``: metrics ``tempo/branch_frac`` (branch tokens / valid
+    Diagnostics returned in the :class:`AdvantageOutput`: metrics ``tempo/branch_frac`` (branch tokens / valid
     tokens), ``tempo/mean_abs_td_branch`` (mean |TD term| over branch tokens, advantage units),
     ``tempo/branch_per_response``; token maps ``tempo/branch`` (1 at branch tokens) and
     ``tempo/td`` (TD term added to each token). Prefix values themselves are
@@ -326,7 +326,8 @@ def tempo_advantage(inp: AdvantageInputs, p: TEMPOParams) -> Tensor:
     rewards_B = inp.rewards_B if inp.rewards_B.is_floating_point() else inp.rewards_B.float()
     B, T = mask_BT.shape
 
-    outcome_BT = ADVANTAGES.get(p.outcome).fn(inp, _outcome_params(p))
+    outcome = AdvantageOutput.of(ADVANTAGES.get(p.outcome).fn(inp, _outcome_params(p)))
+    outcome_BT = outcome.advantages_BT
     # A row without a valid token (a truncated sample under overlong_filter, a segments sibling
     # context row) has no prefix to share: it stays in its group's statistics, but not in the tree,
     # where the pad-aware comparison would make it "diverge" at token 0 from every real response.
@@ -354,14 +355,14 @@ def tempo_advantage(inp: AdvantageInputs, p: TEMPOParams) -> Tensor:
         advantages_BT[singleton_B.to(device)] = 0.0
 
     n_branch, n_valid = int(rows.numel()), int(torch.count_nonzero(mask_BT))
-    metrics = inp.extras.setdefault("metrics", {})
-    metrics["tempo/branch_frac"] = n_branch / max(n_valid, 1)
-    metrics["tempo/mean_abs_td_branch"] = float(td_E.abs().mean()) if n_branch else 0.0
-    metrics["tempo/branch_per_response"] = n_branch / max(B, 1)
-    token_maps = inp.extras.setdefault("token_maps", {})
-    token_maps["tempo/branch"] = _scatter_map(B, T, rows, cols, torch.ones_like(td_E))
-    token_maps["tempo/td"] = _scatter_map(B, T, rows, cols, td_E)
-    return advantages_BT
+    metrics = {**outcome.metrics,
+               "tempo/branch_frac": n_branch / max(n_valid, 1),
+               "tempo/mean_abs_td_branch": float(td_E.abs().mean()) if n_branch else 0.0,
+               "tempo/branch_per_response": n_branch / max(B, 1)}
+    token_maps = {**outcome.token_maps,
+                  "tempo/branch": _scatter_map(B, T, rows, cols, torch.ones_like(td_E)),
+                  "tempo/td": _scatter_map(B, T, rows, cols, td_E)}
+    return AdvantageOutput(advantages_BT, metrics, token_maps)
 
 
 def _scatter_map(B: int, T: int, rows: Tensor, cols: Tensor, vals_E: Tensor) -> Tensor:

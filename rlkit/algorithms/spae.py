@@ -33,7 +33,7 @@ from torch import Tensor
 
 from rlkit.algorithms.groups import group_stats
 from rlkit.algorithms.registry import register_advantage
-from rlkit.algorithms.types import AdvantageInputs
+from rlkit.algorithms.types import AdvantageInputs, AdvantageOutput
 
 PROBE_STRING = "**Final Answer**\n\\boxed{"  # p_probe (§2.2)
 STEP_SUFFIXES: tuple[str, ...] = (".\n\n",)  # boundary rule (§2.1)
@@ -306,10 +306,9 @@ def spae_advantage(inp: AdvantageInputs, p: SPAEParams) -> Tensor:
         p: :class:`SPAEParams`.
 
     Returns:
-        advantages_BT [B, T], zero on padding. Writes metrics ``spae/*`` into
-        ``inp.extras["metrics"]`` and per-token maps ``spae/potential`` (Φ of the token's step, 0 on
+        :class:`AdvantageOutput`: advantages_BT [B, T], zero on padding; metrics ``spae/*``; per-token maps ``spae/potential`` (Φ of the token's step, 0 on
         tail tokens), ``spae/step_boundary`` (1 at boundary tokens), ``spae/sat_factor`` (f) and
-        ``spae/shaping`` (ξ·g) into ``inp.extras["token_maps"]``.
+        ``spae/shaping`` (ξ·g).
     """
     bnd_BK, acc_BK, conf_BK = _read_extras(inp)
     mask_BT = inp.response_mask_BT.float()
@@ -359,7 +358,7 @@ def spae_advantage(inp: AdvantageInputs, p: SPAEParams) -> Tensor:
     def step_mean(x_BK: Tensor) -> float:
         return float((x_BK * step_mask_BK).sum() / n_steps) if n_steps else 0.0
 
-    inp.extras.setdefault("metrics", {}).update({
+    metrics = {
         "spae/num_steps_mean": float(K_B.mean()) if K_B.numel() else 0.0,
         "spae/no_step_frac": float((K_B == 0).float().mean()) if K_B.numel() else 0.0,
         "spae/saturation_count": float(((phi_BK > p.eps_sat) & valid_BK).sum()),
@@ -370,13 +369,13 @@ def spae_advantage(inp: AdvantageInputs, p: SPAEParams) -> Tensor:
         "spae/sat_factor_mean": float(sat_BT.sum() / n_tok) if float(n_tok) else 1.0,
         "spae/adv_mean_raw": float(raw_mean),
         "spae/adv_std_raw": float(raw_std),
-    })
+    }
     # scatter_add: padded steps point at column 0 with weight 0 and must not overwrite a boundary
     boundary_BT = torch.zeros_like(mask_BT).scatter_add_(1, bnd_BK.clamp(min=0), step_mask_BK)
-    inp.extras.setdefault("token_maps", {}).update({
+    token_maps = {
         "spae/potential": to_tokens(phi_BK, zeros_B),
         "spae/step_boundary": boundary_BT * mask_BT,
         "spae/sat_factor": sat_BT,
         "spae/shaping": to_tokens(p.xi * g_BK, zeros_B),
-    })
-    return adv_BT
+    }
+    return AdvantageOutput(adv_BT, metrics, token_maps)

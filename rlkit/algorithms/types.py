@@ -47,6 +47,26 @@ class AdvantageInputs:
 
 
 @dataclass
+class AdvantageOutput:
+    """What an estimator with diagnostics returns (a plain estimator may return the tensor alone).
+
+    Attributes:
+        advantages_BT: float [B, T], per-token advantages, zero on padding.
+        metrics: scalars logged each step under their names (e.g. ``tempo/branch_frac``).
+        token_maps: float [B, T] per-token maps shown by ``rlkit inspect`` (e.g. ``tempo/td``).
+    """
+
+    advantages_BT: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+    token_maps: dict[str, Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def of(result: Tensor | AdvantageOutput) -> AdvantageOutput:
+        """Any estimator's return value as an :class:`AdvantageOutput`."""
+        return result if isinstance(result, AdvantageOutput) else AdvantageOutput(result)
+
+
+@dataclass
 class PolicyLossInputs:
     """Inputs of every policy loss; all tensors are [B, T].
 

@@ -15,7 +15,13 @@ from typing import Any
 
 import torch
 
-from rlkit.algorithms import ADVANTAGES, AdvantageInputs, dynamic_sampling_keep_B, overlong_filter_mask
+from rlkit.algorithms import (
+    ADVANTAGES,
+    AdvantageInputs,
+    AdvantageOutput,
+    dynamic_sampling_keep_B,
+    overlong_filter_mask,
+)
 from rlkit.common import stable_seed
 from rlkit.loop.batch import TrainBatch, build_batch
 from rlkit.schema import Config
@@ -158,7 +164,8 @@ def make_batch(
     verifier, when every group has it: loss masks such as DMMPT act on correct samples).
 
     ``extras`` (e.g. SPAE probe values) reach the advantage estimator; returns
-    ``(batch, rewards_B, extras)`` where the estimator may have added ``metrics`` and ``token_maps``.
+    ``(batch, rewards_B, extras)``: ``extras`` plus the estimator's ``metrics`` and ``token_maps``
+    (from its :class:`~rlkit.algorithms.AdvantageOutput`; the inputs are never modified).
     """
     prompts, responses, lps, gids, rewards, trunc = [], [], [], [], [], []
     for gi, g in enumerate(groups):
@@ -189,14 +196,13 @@ def make_batch(
     ctx = [(gi, float(r)) for gi, g in enumerate(groups) for r in g.context_rewards]
     if ctx:
         inputs = _with_context_rows(inputs, ctx)
-    adv_BT = entry.fn(inputs, ADVANTAGES.build_params(a.advantage, a.advantage_params)).float()
+    out = AdvantageOutput.of(entry.fn(inputs, ADVANTAGES.build_params(a.advantage, a.advantage_params)))
     B = len(rewards)
-    batch.advantages_BT = adv_BT[:B]
-    if ctx:  # per-token maps came back with the context rows appended
-        maps = inputs.extras.get("token_maps", {})
-        for k, t in maps.items():
-            maps[k] = t[:B]
-    return batch, rewards_B, inputs.extras
+    batch.advantages_BT = out.advantages_BT.float()[:B]  # context rows (if any) were appended after B
+    extras = dict(inputs.extras)
+    extras["metrics"] = {**extras.get("metrics", {}), **out.metrics}
+    extras["token_maps"] = {**extras.get("token_maps", {}), **{k: t[:B] for k, t in out.token_maps.items()}}
+    return batch, rewards_B, extras
 
 
 def _with_context_rows(inp: AdvantageInputs, ctx: list[tuple[int, float]]) -> AdvantageInputs:

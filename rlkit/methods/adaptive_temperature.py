@@ -16,6 +16,8 @@ from rlkit.methods.base import Stage, register_stage
 
 @register_stage("adaptive_temperature")
 class AdaptiveTemperatureStage(Stage):
+    order = 40
+
     @classmethod
     def enabled(cls, cfg: Any) -> bool:
         return bool(cfg.engine.adaptive_temperature.enabled)

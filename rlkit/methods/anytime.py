@@ -400,6 +400,8 @@ class AnytimeStage(Stage):
     scoring, the summaries of every thinking at every budget are sampled, scored and packed after
     the thinking groups, and the ``brpo`` advantage gets its extras."""
 
+    order = 20
+
     @classmethod
     def enabled(cls, cfg: Any) -> bool:
         try:

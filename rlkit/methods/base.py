@@ -16,7 +16,7 @@ registration order, at a fixed point of the step::
     state_dict() / load_state_dict(state)
                                   checkpointed under the stage's name
 
-A stage is active when its ``enabled(cfg)`` says so: built-in stages look at the config block
+Hooks run in the stages' ``(order, name)`` order, the same in every process. A stage is active when its ``enabled(cfg)`` says so: built-in stages look at the config block
 that turns them on (``segments.enabled``, ``engine.adaptive_temperature.enabled``, ...); a user's
 stage (registered from a ``plugins:`` file) is active when it is listed in ``stages:``, by name or
 as ``{name: ..., params: {...}}``; ``params`` fill the stage's ``params_cls`` dataclass (unknown
@@ -52,6 +52,7 @@ class Stage:
     """Base class of every stage; each hook's default does nothing."""
 
     name: ClassVar[str] = ""
+    order: ClassVar[int] = 100  # hooks run in (order, name) order; built-ins 10-50, user stages 100
     params_cls: ClassVar[type | None] = None  # dataclass of the ``stages: [{name, params}]`` entry
 
     def __init__(self, ctx: StageContext) -> None:
@@ -154,7 +155,7 @@ def active_stages(cfg: Any) -> list[type[Stage]]:
             STAGES.get(name)
         except KeyError as e:  # unknown name -> did-you-mean
             raise ValueError(f"stages: {e.args[0]}") from None
-    classes = [cls for cls in STAGES.values() if cls.enabled(cfg)]
+    classes = sorted((cls for cls in STAGES.values() if cls.enabled(cfg)), key=lambda c: (c.order, c.name))
     for cls in classes:
         cls.build_params(cfg)
     collectors = [c.name for c in classes if c.collects]

@@ -91,6 +91,8 @@ def attach_budget_guidance(engine: Any, path: str | Path, params: Mapping[str, A
 
 @register_stage("budget_guidance")
 class BudgetGuidanceStage(Stage):
+    order = 50
+
     @classmethod
     def enabled(cls, cfg: Any) -> bool:
         return bool(cfg.model.budget_guidance)

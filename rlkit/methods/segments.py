@@ -200,6 +200,8 @@ class SegmentsStage(Stage):
     """UloRL segment rollout (``segments.enabled``): replaces the collector; its pools are
     checkpointed with the stage."""
 
+    order = 10
+
     collects = True
 
     @classmethod

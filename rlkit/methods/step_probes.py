@@ -325,6 +325,8 @@ class StepProbeStage(Stage):
     """SPAE's step probes: after scoring, each response is cut at its step boundaries and probed
     (``algorithm.step_probe``); the estimator gets the per-step correctness and confidence."""
 
+    order = 30
+
     @classmethod
     def enabled(cls, cfg: Any) -> bool:
         from rlkit.algorithms import ADVANTAGES
