@@ -156,10 +156,10 @@ def _cmd_train_budget_predictor(argv: list[str]) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from rlkit.tools.compare import compare_runs, format_markdown, plot_compare
+    from rlkit.tools.compare import compare_groups, format_markdown, plot_compare
 
     try:
-        rows = compare_runs(args.run_dirs, tail=args.tail)
+        rows = compare_groups(args.run_dirs, tail=args.tail, by_seed=args.by_seed)
     except FileNotFoundError as e:
         print(f"rlkit: {e}", file=sys.stderr)
         return 2
@@ -167,7 +167,49 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     if args.png:
-        print(f"wrote {plot_compare(args.run_dirs, args.png)}")
+        print(f"wrote {plot_compare(args.run_dirs, args.png, by_seed=args.by_seed)}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    """One ``rlkit train`` per seed (through ``_cmd_train``), skipping done seeds, then the grouped table."""
+    from rlkit.config import load_config
+    from rlkit.tools.compare import compare_groups, format_markdown
+    from rlkit.tools.sweep import config_conflicts, parse_seeds, plan_sweep, seed_overrides, write_report
+
+    overrides = [*args.overrides, *([f"output_dir={args.out}"] if args.out else [])]
+    try:
+        seeds = parse_seeds(args.seeds)
+        base = load_config(args.recipe, overrides)
+        per_seed = {s: seed_overrides(overrides, s, base.name) for s in seeds}
+    except ValueError as e:
+        print(f"rlkit: {e}", file=sys.stderr)
+        return 2
+    cfgs = [load_config(args.recipe, per_seed[s]) for s in seeds]
+    run_dirs = [c.run_dir for c in cfgs]
+    plan = plan_sweep(seeds, run_dirs)
+    conflicts = config_conflicts(plan, run_dirs, [c.model_dump(mode="json") for c in cfgs])
+    if conflicts:
+        print(f"rlkit: {conflicts[0]}", file=sys.stderr)
+        return 2
+    for (seed, state), d in zip(plan, run_dirs):
+        print(f"rlkit sweep: seed {seed}: {state} ({d})", flush=True)
+    for (seed, state), d in zip(plan, run_dirs):
+        if state == "done":
+            continue
+        print(f"rlkit sweep: training seed {seed} ({state}) -> {d}", flush=True)
+        ns = argparse.Namespace(recipe=args.recipe, overrides=per_seed[seed], resume=False, no_resume=False)
+        rc = _cmd_train(ns)
+        if rc:
+            print(f"rlkit: sweep stopped at seed {seed}; rerun the same command to resume it", file=sys.stderr)
+            return rc
+    rows = compare_groups(run_dirs, by_seed=True)
+    table = format_markdown(rows)
+    print(table)
+    meta = {"recipe": str(args.recipe), "overrides": overrides, "seeds": seeds,
+            "run_dirs": [str(d) for d in run_dirs], "plan": [list(p) for p in plan]}
+    for p in write_report(base.output_dir, base.name, table, meta, rows):
+        print(f"wrote {p}")
     return 0
 
 
@@ -271,7 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--png", help="write the overlaid reward / accuracy / length curves here")
     cp.add_argument("--json", help="write the table rows as JSON here")
     cp.add_argument("--tail", type=int, default=3, help="training metrics are averaged over the last N steps")
+    cp.add_argument("--by-seed", action=argparse.BooleanOptionalAction, default=True,
+                    help="merge runs whose configs differ only in seed / name / output_dir into one row: mean "
+                         "± 95%% CI half-width over the seeds (default: on)")
     cp.set_defaults(fn=_cmd_compare)
+    sw = sub.add_parser("sweep", help="train a recipe once per seed (resumable), then compare the seeds")
+    sw.add_argument("recipe")
+    sw.add_argument("overrides", nargs="*", help="dotted overrides for every seed, e.g. train.steps=5")
+    sw.add_argument("--seeds", required=True, metavar="S1,S2,...", help="comma-separated seeds, e.g. 0,1,2")
+    sw.add_argument("--out", metavar="DIR", help="output_dir of the runs and the report (default: the config's)")
+    sw.set_defaults(fn=_cmd_sweep)
     i = sub.add_parser("inspect", help="write an HTML page of sampled responses coloured by per-token advantage")
     i.add_argument("run_dir")
     i.add_argument("--step", type=int, help="training step to show (default: the latest dump)")

@@ -133,6 +133,10 @@ class LearnerConfig(_Section):
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     grad_clip: float = Field(1.0, gt=0.0)
     micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward.")
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=1, description="Token budget of a forward/backward (rows x padded length), filled with "
+        "sequences of similar length; replaces the fixed micro_batch_size. Gradients do not change.",
+    )
     share_prompt: bool = Field(
         True,
         description="Run each group's shared prompt forward once and reuse its KV cache (with grad) for "

@@ -10,23 +10,15 @@ derived from (seed, step), so a resumed run logs the same metrics as an uninterr
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
 from rlkit.config import save_config
+from rlkit.infra.checkpoint import fault_injection
 from rlkit.loop import experience as X
 from rlkit.loop import report
 from rlkit.schema import Config
-
-
-def _fault_injection(step: int) -> None:
-    """Test hook: ``RLKIT_KILL_AT_STEP=N`` SIGKILLs this process in the middle of step N."""
-    at = os.environ.get("RLKIT_KILL_AT_STEP")
-    if at and int(at) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Trainer:
@@ -110,6 +102,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict[str, Any]:
+        """Train (resuming when a checkpoint exists); Ray and the reward workers are released
+        however the run ends."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict[str, Any]:
         import ray
 
         from rlkit.infra.sysmon import MemoryMonitor
@@ -124,17 +124,16 @@ class Trainer:
             s.start(start)
         if start:
             self.engines.sync(self.learner, self.policy_version)
-        tr = cfg.tracking
         summary: dict[str, Any] = {"run_dir": str(self.run_dir), "resumed_from": start}
-        with Tracker(self.run_dir, total_steps=cfg.train.steps, start_step=start + 1,
-                     tensorboard=tr.tensorboard, wandb=tr.wandb, console=tr.console) as tracker:
+        with Tracker(self.run_dir, total_steps=cfg.train.steps, start_step=start + 1, tensorboard=cfg.tracking.tensorboard,
+                     wandb=cfg.tracking.wandb, console=cfg.tracking.console) as tracker:
             self.engines.log = tracker.print  # engine restarts (rlkit.orchestration.engine_pool)
             for s in self.stages:
                 s.ctx.log = tracker.print
             tracker.print(f"rlkit: run dir {self.run_dir} | setup {time.perf_counter() - t_setup:.1f}s"
                           + (f" | resumed after step {start}" if start else ""))
             if cfg.eval.before and not start:
-                summary["eval_before"] = self.evaluate(tracker, "before")
+                summary["eval_before"] = self._evaluate(tracker, "before")
             for step in range(start + 1, cfg.train.steps + 1):
                 metrics = self.step(step, tracker)
                 metrics.update(self.memory.metrics())
@@ -145,10 +144,9 @@ class Trainer:
                 summary["final"] = str(self.run_dir / "final")
                 ray.get(self.learner.export.remote(summary["final"], self.model_path))
             if cfg.eval.after:
-                summary["eval_after"] = self.evaluate(tracker, "after")
+                summary["eval_after"] = self._evaluate(tracker, "after")
             summary["peak_memory_gib"] = self.memory.report_peak(tracker.print)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        self.close()
         return summary
 
     def collect(self, step: int, tracker) -> tuple[list[X.Group], list[X.Group], dict[str, float]]:
@@ -176,7 +174,7 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         groups, all_groups, m = self.collect(step, tracker)
-        _fault_injection(step)
+        fault_injection(step)
         train_groups, extras = groups, {}
         for s in self.stages if groups else ():
             train_groups, extras, sm = s.after_score(step, train_groups, extras)
@@ -207,7 +205,7 @@ class Trainer:
         report.log_samples(cfg, step, all_groups, tracker)
         return m
 
-    def evaluate(self, tracker, tag: str) -> dict[str, float]:
+    def _evaluate(self, tracker, tag: str) -> dict[str, float]:
         return report.evaluate(self.cfg, self.run_dir, self.eval_rows, self.encode, self.engines, tracker, tag)
 
     def close(self) -> None:
@@ -215,5 +213,6 @@ class Trainer:
 
         if getattr(self, "memory", None) is not None:
             self.memory.stop()
-        self.manager.close()
+        if getattr(self, "manager", None) is not None:
+            self.manager.close()
         release(self.cfg, getattr(self, "learner", None), getattr(self, "engines", None))

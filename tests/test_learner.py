@@ -53,6 +53,52 @@ def test_gradient_does_not_depend_on_micro_batch_size(tiny_model_dir, agg):
         assert torch.allclose(grads[0], other, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_token_budget_micro_batches_give_the_fixed_count_gradient(tiny_model_dir, share_prompt):
+    """learner.max_tokens_per_micro_batch changes how rows are split, never the gradient."""
+    _, comps, batch = _rollout(tiny_model_dir)
+    g = torch.Generator().manual_seed(1)
+    batch.advantages_BT = torch.randn(batch.response_mask_BT.shape, generator=g) * batch.response_mask_BT
+    share = [] if share_prompt else ["learner.share_prompt=false"]
+    grads, pads = [], []
+    for ov in (["learner.micro_batch_size=6"], ["learner.max_tokens_per_micro_batch=1"],
+               ["learner.max_tokens_per_micro_batch=30"], ["learner.max_tokens_per_micro_batch=10000"]):
+        learner = _learner(tiny_model_dir, *ov, *share, "algorithm.old_logprobs=rollout")
+        learner.optimizer.step = lambda: None  # keep the gradients, skip the update
+        m = learner.train_step(batch)
+        pads.append(m["perf/pad_frac"])
+        grads.append(torch.cat([p.grad.flatten() for p in learner.model.parameters() if p.grad is not None]))
+    assert grads[0].abs().sum() > 0
+    for other in grads[1:]:
+        assert torch.allclose(grads[0], other, atol=1e-6, rtol=1e-4)
+    assert all(0.0 <= p < 1.0 for p in pads)
+
+
+def test_token_budget_plan_respects_the_budget_and_keeps_groups_together(tiny_model_dir):
+    from rlkit.learner.torch_learner import plan_micro_batches
+
+    _, comps, batch = _rollout(tiny_model_dir, n=3)
+    rows = list(range(len(batch)))
+    P = batch.prompt_width
+
+    def cost(mb):
+        return len(mb) * (int(batch.attention_mask_BS[mb, :P].sum(1).max()) + int(batch.response_mask_BT[mb].sum(1).max()))
+
+    for budget in (1, 20, 40, 10_000):
+        plan = plan_micro_batches(batch, rows, None, False, max_tokens=budget)
+        assert sorted(r for mb in plan for r in mb) == rows  # every row once
+        assert all(len(mb) == 1 or cost(mb) <= budget for mb in plan)
+        assert plan == plan_micro_batches(batch, rows, None, False, max_tokens=budget)  # deterministic
+    assert len(plan_micro_batches(batch, rows, None, False, max_tokens=1)) == len(rows)
+    assert len(plan_micro_batches(batch, rows, None, False, max_tokens=10_000)) == 1
+    assert len(plan_micro_batches(batch, rows, 4, False, max_tokens=10_000)) == 3  # the row cap still holds
+    # share_prompt: a prompt's 3 samples never straddle two micro-batches, whatever the budget
+    for budget in (1, 25, 10_000):
+        for mb in plan_micro_batches(batch, rows, None, True, max_tokens=budget):
+            prompts = {tuple(comps[r].prompt_ids) for r in mb}
+            assert len(mb) == 3 * len(prompts)
+
+
 def test_train_step_changes_weights_and_reports_metrics(tiny_model_dir):
     _, comps, batch = _rollout(tiny_model_dir)
     batch.advantages_BT = torch.ones_like(batch.response_mask_BT)

@@ -80,3 +80,24 @@ def test_the_plugin_method_trains_through_rlkit_train(tiny_model_dir, tmp_path):
     # the stage's sampling hook capped the rollout: 4 -> 8 -> 12 (engine.max_new_tokens) tokens
     assert [x["length_curriculum/max_new_tokens"] for x in m] == [4.0, 8.0, 12.0]
     assert m[0]["response/len_max"] <= 4 < 12
+
+
+@pytest.mark.slow
+def test_a_failing_stage_releases_ray_so_the_next_run_in_the_process_starts(tiny_model_dir, tmp_path):
+    """An exception mid-run (here from a user's stage) must not leave the local Ray and its actors up:
+    the next Trainer in the same process would wait forever for their CPUs."""
+    import ray
+    from test_train_e2e import tiny_overrides
+
+    from rlkit.trainer import Trainer
+
+    plugin = tmp_path / "boom.py"
+    plugin.write_text("from rlkit.methods import Stage, register_stage\n\n"
+                      "@register_stage('boom')\nclass Boom(Stage):\n    def metrics(self):\n"
+                      "        raise RuntimeError('boom from a stage')\n")
+    base = tiny_overrides(tiny_model_dir, tmp_path, "boom", steps=1) + ["eval.after=false", f"plugins=[{plugin}]"]
+    with pytest.raises(RuntimeError, match="boom from a stage"):
+        Trainer(load_config(ROOT / "recipes/quickstart.yaml", [*base, "stages=[boom]"])).run()
+    assert not ray.is_initialized()
+    ok = Trainer(load_config(ROOT / "recipes/quickstart.yaml", [*base, "name=after"])).run()
+    assert ok["resumed_from"] == 0 and (tmp_path / "after" / "summary.json").is_file()

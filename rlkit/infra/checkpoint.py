@@ -396,3 +396,13 @@ def export_hf(
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out
+
+
+def fault_injection(step: int) -> None:
+    """Test hook: ``RLKIT_KILL_AT_STEP=N`` SIGKILLs this process in the middle of step N (after
+    its rollout, before its update), to test that a resumed run loses and repeats nothing."""
+    import signal
+
+    at = os.environ.get("RLKIT_KILL_AT_STEP")
+    if at and int(at) == step:
+        os.kill(os.getpid(), signal.SIGKILL)

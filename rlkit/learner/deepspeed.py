@@ -234,12 +234,15 @@ class DeepSpeedLearner:
 
     def _slots(self, batch: TrainBatch, rows) -> list[list[int] | None]:
         """This rank's micro-batches of ``rows``: the plan's micro-batches (at most
-        ``min(micro_batch_size, ceil(len(rows) / N))`` rows each, so all ranks get work) dealt out
+        ``min(micro_batch_size, ceil(len(rows) / N))`` rows each, or within the token budget
+        ``max_tokens_per_micro_batch`` and ``ceil(len(rows) / N)`` rows, so all ranks get work) dealt out
         round-robin; ``None`` = a zero-weight filler, so that every rank runs the same number of
         forward/backward passes (their collectives must match)."""
         rows = list(rows)
-        size = max(1, min(self.cfg.micro_batch_size, math.ceil(len(rows) / self.world_size)))
-        plan = plan_micro_batches(batch, rows, size, self.share_prompt)
+        fair = math.ceil(len(rows) / self.world_size)  # at most this many rows each, so all ranks get work
+        budget = self.cfg.max_tokens_per_micro_batch
+        size = max(1, fair if budget else min(self.cfg.micro_batch_size, fair))
+        plan = plan_micro_batches(batch, rows, size, self.share_prompt, max_tokens=budget)
         mine: list[list[int] | None] = list(plan[self.rank :: self.world_size])
         n = math.ceil(len(plan) / self.world_size)
         return mine + [None] * (n - len(mine))

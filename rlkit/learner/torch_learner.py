@@ -114,12 +114,18 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def plan_micro_batches(batch: TrainBatch, rows, size: int, share_prompt: bool) -> list[list[int]]:
-    """Split ``rows`` into micro-batches of ``size`` rows of similar length (less padding).
+def plan_micro_batches(batch: TrainBatch, rows, size: int | None, share_prompt: bool,
+                       max_tokens: int | None = None) -> list[list[int]]:
+    """Split ``rows`` into micro-batches of rows of similar length (less padding).
 
-    Rows sharing a prompt stay together (longest groups first), so with ``share_prompt`` a
-    micro-batch holds whole groups and runs each prompt once. Deterministic in its inputs, so
-    every data-parallel rank computes the same plan.
+    Fixed count: ``size`` rows each. Token budget (``max_tokens``): consecutive rows of the
+    length-sorted order while the micro-batch's padded size (rows x (longest prompt + longest
+    response)) stays within ``max_tokens``, and at most ``size`` rows when ``size`` is given; a row
+    (or prompt group) over the budget on its own gets a micro-batch of its own. Rows sharing a
+    prompt stay together (longest groups first), so with ``share_prompt`` a micro-batch holds whole
+    groups and runs each prompt once. Deterministic in its inputs, so every data-parallel rank
+    computes the same plan. The gradient does not depend on the plan: every micro-batch is
+    aggregated with the whole mini-batch's counts (:func:`aggregation_counts`).
     """
     rows = list(rows)
     if not rows:
@@ -130,8 +136,29 @@ def plan_micro_batches(batch: TrainBatch, rows, size: int, share_prompt: bool) -
     group_len: dict[int, int] = {}
     for g, n in zip(inv, lens):
         group_len[g] = max(group_len.get(g, 0), n)
-    order = [r for *_, r in sorted(zip((-group_len[g] for g in inv), inv, (-n for n in lens), rows))]
-    return [order[i : i + size] for i in range(0, len(order), size)]
+    order = sorted(zip((-group_len[g] for g in inv), inv, (-n for n in lens), rows))
+    if max_tokens is None:
+        flat = [r for *_, r in order]
+        return [flat[i : i + size] for i in range(0, len(flat), size)]
+    P = batch.prompt_width
+    plen = dict(zip(rows, batch.attention_mask_BS[rows, :P].sum(1).tolist()))
+    rlen = dict(zip(rows, batch.response_mask_BT[rows].sum(1).tolist()))
+    units: list[list[int]] = []  # rows that must share a micro-batch: a prompt group, or one row
+    for _, g, _, r in order:
+        if units and share_prompt and inv[rows.index(units[-1][0])] == g:
+            units[-1].append(r)
+        else:
+            units.append([r])
+    plan: list[list[int]] = []
+    cur: list[int] = []
+    for unit in units:
+        cand = cur + unit
+        cost = len(cand) * (max(plen[r] for r in cand) + max(rlen[r] for r in cand))
+        if cur and (cost > max_tokens or (size is not None and len(cand) > size)):
+            plan.append(cur)
+            cand = list(unit)
+        cur = cand
+    return plan + [cur]
 
 
 def update_schedule(batch_size: int, train_cfg: TrainConfig, step: int) -> list[tuple[int, list[int]]]:
@@ -213,7 +240,10 @@ def run_train_step(learner: Any, batch: TrainBatch, keep_entropies: bool = True)
         for k, v in learner._update(batch, rows, norm_length, on_policy, collect_entropy=collect).items():
             merge_metric(sums, k, v)
     learner.scheduler.step()
+    padded, valid = sums.pop("perf/padded_tokens", 0.0), sums.pop("perf/valid_tokens", 0.0)
     metrics = {k: v if k.endswith("_max") else v / len(schedule) for k, v in sums.items()}
+    if padded:
+        metrics["perf/pad_frac"] = 1.0 - valid / padded  # padding share of the learner's forward tokens
     metrics["actor/lr"] = learner.optimizer.param_groups[0]["lr"]
     metrics["time/train_s"] = time.perf_counter() - t0
     return metrics
@@ -286,6 +316,9 @@ def micro_batch_loss(
     for k, v in lm.items():
         key = k if k.startswith("mismatch/") else f"actor/{k}"
         acc[key] = float(v) if k.endswith("_max") else float(v) * w
+    # token counts of the forward pass (summed over micro-batches, then a ratio: perf/pad_frac)
+    acc["perf/padded_tokens"] = float(mb.attention_mask_BS.numel())
+    acc["perf/valid_tokens"] = float(mb.attention_mask_BS.sum())
     return MicroBatchLoss(loss, acc, ent[mask > 0].detach())
 
 
@@ -371,7 +404,9 @@ class TorchLearner:
     # ------------------------------------------------------------------ update
     def _micro_batches(self, batch: TrainBatch, rows) -> list[list[int]]:
         """Split rows into micro-batches (see :func:`plan_micro_batches`)."""
-        return plan_micro_batches(batch, rows, self.cfg.micro_batch_size, self.share_prompt)
+        budget = self.cfg.max_tokens_per_micro_batch
+        return plan_micro_batches(batch, rows, None if budget else self.cfg.micro_batch_size, self.share_prompt,
+                                  max_tokens=budget)
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """PPO epochs over mini-batches; returns averaged metrics (namespaced ``actor/``)."""

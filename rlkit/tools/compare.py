@@ -1,25 +1,70 @@
-"""``rlkit compare RUN_DIR...``: one table (and one figure) for runs that differ in method or reward.
+"""``rlkit compare RUN_DIR...``: one table (and one figure) for runs that differ in method, reward or seed.
 
 Per run: the method (advantage / policy loss / length shapers), steps done, held-out accuracy and
 ``\\boxed{}`` rate before and after training (``eval_before.json`` / ``eval_after.json``), mean response
 tokens of the final greedy evaluation, the training reward and response length averaged over the last
 ``tail`` steps, wall time of the steps and the peak memory. The figure overlays the runs' training
 reward, accuracy and response length per step.
+
+Seeds: runs whose saved ``config.yaml`` are identical except for ``seed``, ``name`` and ``output_dir``
+form one group (``compare_groups``, ``rlkit compare --by-seed``, the default). A group of n >= 2 runs
+is one row whose metrics are the mean over the seeds with a 95% confidence interval half-width,
+``t(0.975, n-1) * sample std / sqrt(n)`` (Student's t), shown as ``mean ± half-width (n=3)``; in the
+figure it is the mean curve with a min–max band across the seeds. A run alone in its group is shown
+exactly as without grouping.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import statistics
 from pathlib import Path
 from typing import Any
 
 from rlkit.infra.tracking import read_metrics
 
-__all__ = ["compare_runs", "format_markdown", "plot_compare"]
+__all__ = ["compare_runs", "compare_groups", "group_runs", "mean_ci", "t_quantile_975", "format_markdown",
+           "plot_compare", "config_key", "read_config", "SEED_KEYS"]
 
 CURVES = (("reward/mean", "training reward"), ("acc/mean", "training accuracy"),
           ("response/len_mean", "response tokens"))
+SEED_KEYS = ("seed", "name", "output_dir")  # config keys that may differ inside one group
+# per-run values that a group reports as mean ± 95% CI half-width
+STAT_KEYS = ("acc_before", "acc_after", "format_before", "format_after", "tokens_before", "tokens_after",
+             "train_reward_tail", "train_tokens_tail")
+# t_{0.975, df} for df = 1..30 (two-sided 95%); beyond 30 the normal 1.96 is used
+_T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157,
+         2.228139, 2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922,
+         2.093024, 2.085963, 2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831,
+         2.048407, 2.045230, 2.042272)
+Z975 = 1.96
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (exact to 6 decimals for
+    df <= 30, 1.96 beyond)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    return _T975[df - 1] if df <= len(_T975) else Z975
+
+
+def mean_ci(values: list[float]) -> tuple[float | None, float | None]:
+    """``(mean, 95% CI half-width)`` of ``values``: ``t(0.975, n-1) * sample std / sqrt(n)``.
+
+    The half-width is ``None`` for fewer than two values, the mean ``None`` for none.
+
+    >>> m, h = mean_ci([0.5, 0.6, 0.7]); round(m, 6), round(h, 6)
+    (0.6, 0.248414)
+    """
+    vals = [float(v) for v in values]
+    if not vals:
+        return None, None
+    mean = statistics.fmean(vals)
+    if len(vals) < 2:
+        return mean, None
+    return mean, t_quantile_975(len(vals) - 1) * statistics.stdev(vals) / math.sqrt(len(vals))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -29,12 +74,19 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _method(cfg_path: Path) -> str:
+def read_config(cfg_path: Path) -> dict[str, Any] | None:
     import yaml
 
     try:
-        c = yaml.safe_load(cfg_path.read_text()) or {}
+        c = yaml.safe_load(cfg_path.read_text())
     except (OSError, yaml.YAMLError):
+        return None
+    return c if isinstance(c, dict) else None
+
+
+def _method(cfg_path: Path) -> str:
+    c = read_config(cfg_path)
+    if c is None:
         return "?"
     a = c.get("algorithm", {})
     parts = [str(a.get("advantage", "?")), str(a.get("policy_loss", "?"))]
@@ -44,6 +96,11 @@ def _method(cfg_path: Path) -> str:
     if (c.get("data") or {}).get("budget"):
         parts.append("budget-in-prompt")
     return " / ".join(parts)
+
+
+def config_key(cfg: dict[str, Any]) -> str:
+    """A canonical string of a resolved config without the keys that differ between seeds of one run."""
+    return json.dumps({k: v for k, v in cfg.items() if k not in SEED_KEYS}, sort_keys=True, default=str)
 
 
 def _tail_mean(records: list[dict[str, Any]], key: str, tail: int) -> float | None:
@@ -67,6 +124,7 @@ def compare_runs(run_dirs: list[str | Path], tail: int = 3) -> list[dict[str, An
             "steps": int(max((r["step"] for r in recs), default=0)),
             "acc_before": before.get("accuracy"),
             "acc_after": after.get("accuracy"),
+            "format_before": before.get("format_rate"),
             "format_after": after.get("format_rate"),
             "tokens_before": before.get("tokens_mean"),
             "tokens_after": after.get("tokens_mean"),
@@ -76,6 +134,67 @@ def compare_runs(run_dirs: list[str | Path], tail: int = 3) -> list[dict[str, An
             "peak_pss_gib": (summary.get("peak_memory_gib") or {}).get("pss") or (max(peaks) if peaks else None),
         })
     return rows
+
+
+def _group_indices(run_dirs: list[Path], by_seed: bool) -> list[list[int]]:
+    """Indices of ``run_dirs`` grouped by config (first-appearance order); singletons without ``by_seed``."""
+    if not by_seed:
+        return [[i] for i in range(len(run_dirs))]
+    groups: dict[str, list[int]] = {}
+    for i, d in enumerate(run_dirs):
+        cfg = read_config(d / "config.yaml")
+        key = config_key(cfg) if cfg is not None else f"unreadable:{i}"  # an unreadable config stays alone
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def group_runs(run_dirs: list[str | Path], by_seed: bool = True) -> list[list[Path]]:
+    """The run dirs grouped by resolved config up to ``seed`` / ``name`` / ``output_dir``."""
+    dirs = [Path(d) for d in run_dirs]
+    return [[dirs[i] for i in g] for g in _group_indices(dirs, by_seed)]
+
+
+def _seed(d: Path) -> int | None:
+    s = (read_config(d / "config.yaml") or {}).get("seed")
+    return s if isinstance(s, int) else None
+
+
+def _group_label(names: list[str], seeds: list[int | None]) -> str:
+    stems = {re.sub(r"_s\d+$", "", n) for n in names}
+    base = stems.pop() if len(stems) == 1 else ", ".join(names)
+    return f"{base} [seeds {','.join('?' if s is None else str(s) for s in seeds)}]"
+
+
+def _aggregate(rows: list[dict[str, Any]], dirs: list[Path]) -> dict[str, Any]:
+    """One row for a group of seeds: ``key`` = mean, ``key_ci95`` = half-width, ``key_n`` = runs with a value."""
+    seeds = [_seed(d) for d in dirs]
+    steps = sorted({r["steps"] for r in rows})
+    out: dict[str, Any] = {
+        "run": _group_label([r["run"] for r in rows], seeds),
+        "method": rows[0]["method"],
+        "steps": steps[0] if len(steps) == 1 else f"{steps[0]}–{steps[-1]}",
+        "n": len(rows), "runs": [r["run"] for r in rows], "seeds": seeds,
+    }
+    for k in STAT_KEYS:
+        vals = [r[k] for r in rows if r[k] is not None]
+        out[k], out[f"{k}_ci95"] = mean_ci(vals)
+        out[f"{k}_n"] = len(vals)
+    times = [r["step_time_s"] for r in rows if r["step_time_s"] is not None]
+    out["step_time_s"] = statistics.fmean(times) if times else None  # mean over the seeds
+    peaks = [r["peak_pss_gib"] for r in rows if r["peak_pss_gib"] is not None]
+    out["peak_pss_gib"] = max(peaks) if peaks else None  # the largest of the seeds
+    return out
+
+
+def compare_groups(run_dirs: list[str | Path], tail: int = 3, by_seed: bool = True) -> list[dict[str, Any]]:
+    """``compare_runs`` rows, with each group of >= 2 seeds of one config merged into one row (see
+    :func:`_aggregate`); a run alone in its group keeps its ``compare_runs`` row unchanged."""
+    dirs = [Path(d) for d in run_dirs]
+    rows = compare_runs(dirs, tail=tail)
+    out = []
+    for g in _group_indices(dirs, by_seed):
+        out.append(rows[g[0]] if len(g) == 1 else _aggregate([rows[i] for i in g], [dirs[i] for i in g]))
+    return out
 
 
 def _fmt(v: Any, kind: str) -> str:
@@ -88,6 +207,17 @@ def _fmt(v: Any, kind: str) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
+def _cell(r: dict[str, Any], key: str, kind: str) -> str:
+    """A value; for a group row ``mean ± half-width (n=k)`` (``mean (n=1)`` with one value)."""
+    if f"{key}_n" not in r:
+        return _fmt(r[key], kind)
+    n = r[f"{key}_n"]
+    if n == 0:
+        return "—"
+    hw = r[f"{key}_ci95"]
+    return f"{_fmt(r[key], kind)} (n=1)" if hw is None else f"{_fmt(r[key], kind)} ± {_fmt(hw, kind)} (n={n})"
+
+
 def format_markdown(rows: list[dict[str, Any]], baseline: int = 0) -> str:
     """A markdown table; the last column is each run's final tokens relative to row ``baseline``."""
     head = ("| run | method | steps | acc before → after | format after | tokens after | vs baseline tokens "
@@ -97,25 +227,51 @@ def format_markdown(rows: list[dict[str, Any]], baseline: int = 0) -> str:
     for r in rows:
         rel = (f"{100 * (r['tokens_after'] / base - 1):+.0f}%" if base and r["tokens_after"] is not None else "—")
         lines.append(
-            f"| {r['run']} | {r['method']} | {r['steps']} | {_fmt(r['acc_before'], 'pct')} → "
-            f"{_fmt(r['acc_after'], 'pct')} | {_fmt(r['format_after'], 'pct')} | {_fmt(r['tokens_after'], 'num')} "
-            f"| {rel} | {_fmt(r['train_reward_tail'], 'num')} | {_fmt(r['train_tokens_tail'], 'num')} "
-            f"| {_fmt(r['step_time_s'], 'min')} | {_fmt(r['peak_pss_gib'], 'num')} GiB |"
+            f"| {r['run']} | {r['method']} | {r['steps']} | {_cell(r, 'acc_before', 'pct')} → "
+            f"{_cell(r, 'acc_after', 'pct')} | {_cell(r, 'format_after', 'pct')} | "
+            f"{_cell(r, 'tokens_after', 'num')} | {rel} | {_cell(r, 'train_reward_tail', 'num')} "
+            f"| {_cell(r, 'train_tokens_tail', 'num')} | {_fmt(r['step_time_s'], 'min')} "
+            f"| {_fmt(r['peak_pss_gib'], 'num')} GiB |"
         )
+    if any("n" in r for r in rows):
+        lines.append("\nRows over several seeds: mean ± half-width of the 95% confidence interval of the mean "
+                     "(Student's t, n = seeds with that value); train time is the mean over the seeds, peak "
+                     "PSS the largest.")
     return "\n".join(lines)
 
 
-def plot_compare(run_dirs: list[str | Path], out: str | Path) -> Path:
-    """Overlay the runs' training reward, accuracy and response length per step in one PNG."""
+def _mean_band(runs: list[list[dict[str, Any]]], key: str) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Per step logged by every run: ``(steps, mean, min, max)`` of ``key`` across the runs."""
+    from rlkit.tools.plot import series
+
+    per_run = [dict(zip(*series(rr, key))) for rr in runs]
+    steps = sorted(set.intersection(*(set(s) for s in per_run))) if per_run else []
+    vals = [[s[x] for s in per_run] for x in steps]
+    return steps, [statistics.fmean(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
+
+
+def plot_compare(run_dirs: list[str | Path], out: str | Path, by_seed: bool = True) -> Path:
+    """Overlay the runs' training reward, accuracy and response length per step in one PNG; a group of
+    seeds (``by_seed``) is drawn as its mean curve with a min–max band across the seeds."""
     from rlkit.tools.plot import _draw, _finish, _new_figure, _save, series
 
+    dirs = [Path(d) for d in run_dirs]
+    groups = [[dirs[i] for i in g] for g in _group_indices(dirs, by_seed)]
     fig, axes = _new_figure(1, len(CURVES), size=(5 * len(CURVES), 3.8))
-    recs = {Path(d).name: read_metrics(d) for d in run_dirs}
+    recs = {d: read_metrics(d) for d in dirs}
     for ax, (key, title) in zip(axes[0], CURVES):
-        for name, rr in recs.items():
-            s = series(rr, key)
-            if s[0]:
-                _draw(ax, s, name)
+        for g in groups:
+            if len(g) == 1:
+                s = series(recs[g[0]], key)
+                if s[0]:
+                    _draw(ax, s, g[0].name)
+                continue
+            steps, mean, lo, hi = _mean_band([recs[d] for d in g], key)
+            if steps:
+                label = _group_label([d.name for d in g], [_seed(d) for d in g])
+                _draw(ax, (steps, mean), f"{label}: mean, band min–max over {len(g)} seeds")
+                ax.fill_between(steps, lo, hi, color=ax.lines[-1].get_color(), alpha=0.2, linewidth=0)
         _finish(ax, title)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     return _save(fig, Path(out))
