@@ -34,8 +34,6 @@ from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
 from typing import Any, TypeVar
 
-from rlkit.common import nearest
-
 RewardFn = Callable[..., Any]
 """``(completions: list[str], **columns) -> list[float | None]``."""
 
@@ -99,6 +97,17 @@ def load_plugins(modules: Iterable[str]) -> list[ModuleType]:
     return loaded
 
 
+def _nearest(word: str, candidates: list[str]) -> str | None:
+    """The did-you-mean hint (:func:`rlkit.common.nearest`). Imported here, not at the top: importing
+    ``rewards`` stays free of ``rlkit``, and a sandboxed run, which sees only the ``rewards``
+    package, gets the error without a hint instead of an import error."""
+    try:
+        from rlkit.common import nearest
+    except ImportError:
+        return None
+    return nearest(word, candidates, cutoff=0.6)
+
+
 def lookup(spec: str) -> Any:
     """Return the raw object ``spec`` names (function, class or instance) without instantiating it."""
     if not isinstance(spec, str) or not spec.strip():
@@ -116,7 +125,7 @@ def lookup(spec: str) -> Any:
         for part in attr.split("."):
             if not hasattr(obj, part):
                 public = [n for n in dir(module) if not n.startswith("_")]
-                near = nearest(attr, public, cutoff=0.6)
+                near = _nearest(attr, public)
                 hint = f"; did you mean {near!r}?" if near else ""
                 raise UnknownRewardError(f"{target!r} has no attribute {attr!r}{hint}")
             obj = getattr(obj, part)
@@ -125,7 +134,7 @@ def lookup(spec: str) -> Any:
     if ep is not None:
         return ep
     names = list_rewards()
-    near = nearest(spec, names, cutoff=0.6)
+    near = _nearest(spec, names)
     hint = f" Did you mean {near!r}?" if near else ""
     raise UnknownRewardError(
         f"unknown reward {spec!r}.{hint} Registered: {', '.join(names) or '(none)'}. "

@@ -1,10 +1,12 @@
-"""``rlkit`` command line: train, eval, train-budget-predictor, plot, inspect, config, models.
+"""``rlkit`` command line: train, sweep, eval, train-budget-predictor, plot, compare, inspect, config, models.
 
     rlkit train recipes/quickstart.yaml [key.sub=value ...] [--resume | --no-resume]
     rlkit eval  recipes/quickstart.yaml | RUN_DIR [key=value ...] [--model DIR] [--out FILE] [--limit N]
     rlkit eval  RECIPE | RUN_DIR --budgets 64,128,256 [--guidance PREDICTOR_DIR]  # accuracy vs budget
     rlkit train-budget-predictor --model smollm2-135m-instruct --out runs/budget_predictor_smollm2
+    rlkit sweep recipes/quickstart.yaml --seeds 0,1,2 [overrides]   # one run per seed, resumable
     rlkit plot  RUN_DIR
+    rlkit compare RUN_DIR [RUN_DIR ...]   # runs differing only by seed: mean ± 95% interval
     rlkit inspect RUN_DIR [--step N] [--out FILE]   # HTML view of per-token advantages
     rlkit config [RECIPE] [overrides]   # print the resolved config (or the reference with --reference)
     rlkit models [--convert NAME]

@@ -153,7 +153,7 @@ def test_collect_groups_rewards_and_restore(tiny_model_dir, hf, tmp_path, mode):
 def _final_pools(run_dir):
     from rlkit.infra.checkpoint import latest_checkpoint, load_checkpoint
 
-    return load_checkpoint(latest_checkpoint(run_dir))["trainer_state"]["segments"]
+    return load_checkpoint(latest_checkpoint(run_dir))["trainer_state"]["stages"]["segments"]
 
 
 @pytest.mark.slow

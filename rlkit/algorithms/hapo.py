@@ -34,7 +34,7 @@ from torch import Tensor
 from rlkit.algorithms.advantages import GRPOParams, grpo_advantage
 from rlkit.algorithms.aggregation import masked_mean
 from rlkit.algorithms.groups import group_index
-from rlkit.algorithms.losses import LOG_RATIO_CLAMP, _clipped_surrogate, dual_clip
+from rlkit.algorithms.losses import LOG_RATIO_CLAMP, _clipped_surrogate, check_clip, dual_clip
 from rlkit.algorithms.registry import register_advantage, register_policy_loss
 from rlkit.algorithms.types import AdvantageInputs, AdvantageOutput, PolicyLossInputs
 
@@ -275,12 +275,8 @@ class HAPOLossParams:
 
     def __post_init__(self) -> None:
         _check_pivot(self.entropy_pivot)
-        if not 0.0 <= self.clip_ratio_low < 1.0:
-            raise ValueError(f"clip_ratio_low must be in [0, 1), got {self.clip_ratio_low}")
-        if self.clip_ratio_high < 0.0:
-            raise ValueError(f"clip_ratio_high must be >= 0, got {self.clip_ratio_high}")
-        if self.clip_ratio_c is not None and self.clip_ratio_c <= 1.0:
-            raise ValueError(f"clip_ratio_c must be > 1 (or None to disable), got {self.clip_ratio_c}")
+        check_clip(self.clip_ratio_low, self.clip_ratio_high, self.clip_ratio_c,
+                   ("clip_ratio_low", "clip_ratio_high", "clip_ratio_c"))
         if self.clip_alpha < 0 or self.adv_beta < 0:
             raise ValueError(f"clip_alpha and adv_beta must be >= 0, got {self.clip_alpha}, {self.adv_beta}")
 

@@ -41,12 +41,17 @@ class PPOClipParams:
     clip_c: float | None = 3.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.clip_low < 1.0:
-            raise ValueError(f"clip_low must be in [0, 1), got {self.clip_low}")
-        if self.clip_high < 0.0:
-            raise ValueError(f"clip_high must be >= 0, got {self.clip_high}")
-        if self.clip_c is not None and self.clip_c <= 1.0:
-            raise ValueError(f"clip_c must be > 1 (or None to disable dual clip), got {self.clip_c}")
+        check_clip(self.clip_low, self.clip_high, self.clip_c)
+
+
+def check_clip(low: float, high: float, c: float | None, names: tuple[str, str, str] = ("clip_low", "clip_high", "clip_c")) -> None:
+    """PPO clip bounds: ``low`` in [0, 1), ``high`` >= 0, dual-clip ``c`` > 1 or None (off)."""
+    if not 0.0 <= low < 1.0:
+        raise ValueError(f"{names[0]} must be in [0, 1), got {low}")
+    if high < 0.0:
+        raise ValueError(f"{names[1]} must be >= 0, got {high}")
+    if c is not None and c <= 1.0:
+        raise ValueError(f"{names[2]} must be > 1 (or None to disable dual clip), got {c}")
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ from rlkit.algorithms.brpo import (
 )
 from rlkit.common import stable_seed
 from rlkit.loop.experience import Group, sampling_params, score_groups
-from rlkit.methods.base import Stage, register_stage
+from rlkit.methods.base import Stage, advantage_wants, register_stage
 from rollout.engine import Completion, RolloutRequest, SamplingParams
 
 __all__ = ["AnytimeParams", "AnytimeStage", "AnytimeStep", "BRPORows", "SummarySample", "brpo_rows", "check_config",
@@ -404,10 +404,7 @@ class AnytimeStage(Stage):
 
     @classmethod
     def enabled(cls, cfg: Any) -> bool:
-        try:
-            return bool(getattr(ADVANTAGES.get(cfg.algorithm.advantage).params, "needs_anytime_rollout", False))
-        except KeyError:  # an unknown estimator: the registry check names it
-            return False
+        return advantage_wants(cfg, "needs_anytime_rollout")
 
     @classmethod
     def check(cls, cfg: Any) -> None:

@@ -164,6 +164,17 @@ def active_stages(cfg: Any) -> list[type[Stage]]:
     return classes
 
 
+def advantage_wants(cfg: Any, flag: str) -> bool:
+    """Does the configured advantage estimator's params class set ``flag`` (e.g. ``needs_step_probes``)?
+    False for an unknown estimator: the registry check names it."""
+    from rlkit.algorithms import ADVANTAGES
+
+    try:
+        return bool(getattr(ADVANTAGES.get(cfg.algorithm.advantage).params, flag, False))
+    except KeyError:
+        return False
+
+
 def merge_meta(metas: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-request extras of several stages: list values (logits processors) concatenate."""
     out: dict[str, Any] = {}

@@ -46,7 +46,7 @@ from rlkit.algorithms.spae import (
 )
 from rlkit.common import build_dataclass, stable_seed
 from rlkit.loop.experience import step_seed
-from rlkit.methods.base import Stage, register_stage
+from rlkit.methods.base import Stage, advantage_wants, register_stage
 from rollout.engine import Completion, RolloutRequest, SamplingParams
 
 
@@ -329,12 +329,7 @@ class StepProbeStage(Stage):
 
     @classmethod
     def enabled(cls, cfg: Any) -> bool:
-        from rlkit.algorithms import ADVANTAGES
-
-        try:
-            return bool(getattr(ADVANTAGES.get(cfg.algorithm.advantage).params, "needs_step_probes", False))
-        except KeyError:  # an unknown estimator: the registry check names it
-            return False
+        return advantage_wants(cfg, "needs_step_probes")
 
     @classmethod
     def check(cls, cfg: Any) -> None:
