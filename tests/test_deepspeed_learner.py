@@ -87,8 +87,7 @@ def _cfg(model_dir: str, *overrides: str):
 def _torch_learner(model_dir: str, cfg):
     from rlkit.learner.torch_learner import TorchLearner
 
-    return TorchLearner(model_dir, model_cfg=cfg.model, learner_cfg=cfg.learner, algo_cfg=cfg.algorithm,
-                        train_cfg=cfg.train, seed=cfg.seed)
+    return TorchLearner(model_dir, cfg)
 
 
 def _batch(model_dir: str, lora: dict | None = None):

@@ -14,8 +14,7 @@ from rollout.hf import HFEngine
 
 def _learner(model_dir: str, *overrides: str) -> TorchLearner:
     cfg = load_config(None, [f"model.name={model_dir}", *overrides])
-    return TorchLearner(model_dir, model_cfg=cfg.model, learner_cfg=cfg.learner, algo_cfg=cfg.algorithm,
-                        train_cfg=cfg.train, seed=0)
+    return TorchLearner(model_dir, cfg)
 
 
 def _rollout(model_dir: str, n_prompts: int = 3, n: int = 2, **engine_kw):

@@ -22,6 +22,8 @@ Departure: every divisor is clamped to >= 1 so an all-padding batch (or sequence
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor
 
 from rlkit.algorithms.registry import AGGREGATIONS, register_aggregation
@@ -51,72 +53,39 @@ def masked_mean(values_BT: Tensor, mask_BT: Tensor) -> Tensor:
     return (values_BT * mask).sum() / mask.sum().clamp(min=1)
 
 
+@dataclass(frozen=True)
+class Counts:
+    """The divisors of one aggregation: global valid tokens, sequences and the length constant."""
+
+    num_tokens: Count
+    num_seqs: Count
+    norm_length: Count
+
+
 @register_aggregation("token-mean")
-def token_mean(
-    loss_BT: Tensor,
-    mask_BT: Tensor,
-    *,
-    num_tokens: Count | None = None,
-    num_seqs: Count | None = None,
-    norm_length: Count | None = None,
-) -> Tensor:
-    """``sum_{i,t} m l / num_tokens`` (default ``num_tokens = sum m``)."""
-    if num_tokens is None:
-        num_tokens = mask_BT.sum()
-    return masked_sum(loss_BT, mask_BT) / _clamp_count(num_tokens)
+def token_mean(loss_BT: Tensor, mask_BT: Tensor, n: Counts) -> Tensor:
+    """``sum_{i,t} m l / num_tokens``."""
+    return masked_sum(loss_BT, mask_BT) / _clamp_count(n.num_tokens)
 
 
 @register_aggregation("seq-mean-token-mean")
-def seq_mean_token_mean(
-    loss_BT: Tensor,
-    mask_BT: Tensor,
-    *,
-    num_tokens: Count | None = None,
-    num_seqs: Count | None = None,
-    norm_length: Count | None = None,
-) -> Tensor:
-    """``sum_i (sum_t m l / max(sum_t m, 1)) / num_seqs`` (default: rows with a valid token)."""
+def seq_mean_token_mean(loss_BT: Tensor, mask_BT: Tensor, n: Counts) -> Tensor:
+    """``sum_i (sum_t m l / max(sum_t m, 1)) / num_seqs``."""
     mask = mask_BT.to(loss_BT.dtype)
-    seq_means_B = (loss_BT * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    if num_seqs is None:
-        num_seqs = valid_seqs(mask_BT)
-    return seq_means_B.sum() / _clamp_count(num_seqs)
+    return ((loss_BT * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / _clamp_count(n.num_seqs)
 
 
 @register_aggregation("seq-mean-token-sum")
-def seq_mean_token_sum(
-    loss_BT: Tensor,
-    mask_BT: Tensor,
-    *,
-    num_tokens: Count | None = None,
-    num_seqs: Count | None = None,
-    norm_length: Count | None = None,
-) -> Tensor:
-    """``sum_{i,t} m l / num_seqs`` (default: rows with a valid token)."""
-    if num_seqs is None:
-        num_seqs = valid_seqs(mask_BT)
-    return masked_sum(loss_BT, mask_BT) / _clamp_count(num_seqs)
+def seq_mean_token_sum(loss_BT: Tensor, mask_BT: Tensor, n: Counts) -> Tensor:
+    """``sum_{i,t} m l / num_seqs``."""
+    return masked_sum(loss_BT, mask_BT) / _clamp_count(n.num_seqs)
 
 
 @register_aggregation("seq-mean-token-sum-norm")
-def seq_mean_token_sum_norm(
-    loss_BT: Tensor,
-    mask_BT: Tensor,
-    *,
-    num_tokens: Count | None = None,
-    num_seqs: Count | None = None,
-    norm_length: Count | None = None,
-) -> Tensor:
-    """``sum_{i,t} m l / (num_seqs * norm_length)`` (defaults: rows with a valid token, ``T``).
-
-    Set ``norm_length`` to a constant such as the maximum response length so the divisor does not
-    depend on how a micro-batch was padded.
-    """
-    if num_seqs is None:
-        num_seqs = valid_seqs(mask_BT)
-    if norm_length is None:
-        norm_length = loss_BT.shape[-1]
-    return masked_sum(loss_BT, mask_BT) / _clamp_count(num_seqs) / _clamp_count(norm_length)
+def seq_mean_token_sum_norm(loss_BT: Tensor, mask_BT: Tensor, n: Counts) -> Tensor:
+    """``sum_{i,t} m l / (num_seqs * norm_length)``; a constant ``norm_length`` (e.g. the maximum
+    response length) keeps the divisor independent of how a micro-batch was padded."""
+    return masked_sum(loss_BT, mask_BT) / _clamp_count(n.num_seqs) / _clamp_count(n.norm_length)
 
 
 def aggregate(
@@ -144,10 +113,14 @@ def aggregate(
     if loss_BT.shape != mask_BT.shape:
         raise ValueError(f"loss_BT {tuple(loss_BT.shape)} and mask_BT {tuple(mask_BT.shape)} differ")
     fn = AGGREGATIONS.get(mode).fn
-    return fn(loss_BT, mask_BT, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
+    n = Counts(num_tokens=mask_BT.sum() if num_tokens is None else num_tokens,  # local defaults: whole batch
+               num_seqs=valid_seqs(mask_BT) if num_seqs is None else num_seqs,
+               norm_length=loss_BT.shape[-1] if norm_length is None else norm_length)
+    return fn(loss_BT, mask_BT, n)
 
 
 __all__ = [
+    "Counts",
     "aggregate",
     "masked_mean",
     "masked_sum",

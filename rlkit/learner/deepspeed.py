@@ -41,7 +41,8 @@ from rlkit.learner.torch_learner import (
     aggregation_counts,
     batch_mean_entropy,
     eval_mode,
-    lr_lambda,
+    learner_schedule,
+    learner_sections,
     merge_metric,
     micro_batch_loss,
     plan_micro_batches,
@@ -50,7 +51,7 @@ from rlkit.learner.torch_learner import (
     run_train_step,
 )
 from rlkit.loop.batch import TrainBatch, pad_to
-from rlkit.schema import AlgorithmConfig, DeepSpeedConfig, LearnerConfig, ModelConfig, TrainConfig
+from rlkit.schema import Config, DeepSpeedConfig, LearnerConfig, ModelConfig
 from rollout.engine import bucket_indices  # noqa: F401  (re-exported: weight-sync buckets)
 from rollout.weight_transfer import DistributedInitError, rendezvous_store
 
@@ -133,21 +134,9 @@ class DeepSpeedLearner:
     rank 0 listens on ``master_addr:master_port``. ``world_size=1`` works in-process.
     """
 
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        model_cfg: ModelConfig,
-        learner_cfg: LearnerConfig,
-        algo_cfg: AlgorithmConfig,
-        train_cfg: TrainConfig,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        master_addr: str = "127.0.0.1",
-        master_port: int | None = None,
-    ) -> None:
-        from rlkit.algorithms import POLICY_LOSSES
+    def __init__(self, model_path: str, cfg: Config, *, rank: int = 0, world_size: int = 1,
+                 master_addr: str = "127.0.0.1", master_port: int | None = None) -> None:
+        model_cfg, learner_cfg, algo_cfg, train_cfg, seed = learner_sections(cfg)
 
         if algo_cfg.kl.beta > 0 and model_cfg.lora.rank == 0:
             raise ValueError("algorithm.kl.beta > 0 with the deepspeed learner needs model.lora.rank > 0")
@@ -162,18 +151,11 @@ class DeepSpeedLearner:
         self.engine = self._build_engine(model_path, model_cfg, seed)
         self.module = self.engine.module
         self.optimizer = self.engine.optimizer.optimizer  # the client AdamW: its param groups carry the lr
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: lr_lambda(s, warmup=learner_cfg.warmup_steps, total=train_cfg.steps,
-                                schedule=learner_cfg.lr_schedule),
-        )
+        learner_schedule(self, self.optimizer, learner_cfg, algo_cfg, train_cfg)
         self.device = torch.device(self.engine.device)
-        self.loss_entry = POLICY_LOSSES.get(algo_cfg.policy_loss)
-        self.loss_params = POLICY_LOSSES.build_params(algo_cfg.policy_loss, algo_cfg.loss_params)
         # a prompt KV cache cannot be built under gradient checkpointing (HF drops use_cache), and under
         # ZeRO-3 every rank must make the same model calls (the shared path makes one or two)
         self.share_prompt = learner_cfg.share_prompt and not model_cfg.gradient_checkpointing and self.stage < 3
-        self._entropies: list[Tensor] = []
 
         def numel(p: Tensor) -> int:
             return int(getattr(p, "ds_numel", p.numel()))

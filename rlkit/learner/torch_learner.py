@@ -28,7 +28,7 @@ from rlkit.algorithms import (
     rollout_correction,
 )
 from rlkit.loop.batch import TrainBatch, pad_to
-from rlkit.schema import AlgorithmConfig, LearnerConfig, ModelConfig, TrainConfig
+from rlkit.schema import AlgorithmConfig, Config, LearnerConfig, ModelConfig, TrainConfig
 from rollout.hf_cache import cache_kwargs, output_cache
 from rollout.sampling import unique_rows
 
@@ -327,20 +327,33 @@ def merge_metric(acc: dict[str, float], key: str, value: float) -> None:
     acc[key] = max(acc.get(key, value), value) if key.endswith("_max") else acc.get(key, 0.0) + value
 
 
+def learner_sections(cfg: Config) -> tuple[ModelConfig, LearnerConfig, AlgorithmConfig, TrainConfig, int]:
+    """The parts of a run's config a learner reads."""
+    return cfg.model, cfg.learner, cfg.learner_algorithm, cfg.train, cfg.seed
+
+
+def learner_schedule(learner: Any, optimizer: Any, learner_cfg: LearnerConfig, algo_cfg: AlgorithmConfig,
+                     train_cfg: TrainConfig) -> None:
+    """What both learners set up alike: their configs, the LR scheduler (warm-up, then the
+    schedule over ``train.steps``) and the registered policy loss with its params."""
+    learner.cfg, learner.algo, learner.train_cfg = learner_cfg, algo_cfg, train_cfg
+    learner.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, warmup=learner_cfg.warmup_steps, total=train_cfg.steps,
+                                       schedule=learner_cfg.lr_schedule))
+    learner.loss_entry = POLICY_LOSSES.get(algo_cfg.policy_loss)
+    learner.loss_params = POLICY_LOSSES.build_params(algo_cfg.policy_loss, algo_cfg.loss_params)
+    learner._entropies = []
+
+
 class TorchLearner:
     """Holds the trainable policy (+ optional frozen reference) and its optimizer."""
 
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        model_cfg: ModelConfig,
-        learner_cfg: LearnerConfig,
-        algo_cfg: AlgorithmConfig,
-        train_cfg: TrainConfig,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, model_path: str, cfg: Config) -> None:
+        """``cfg``: the run's config (``model``, ``learner``, ``train``, ``seed`` and the algorithm as
+        the learner reads it, :attr:`Config.learner_algorithm`)."""
         from rlkit.infra.models import load_model
+
+        model_cfg, learner_cfg, algo_cfg, train_cfg, seed = learner_sections(cfg)
 
         torch.manual_seed(seed)
         if learner_cfg.num_threads:
@@ -363,14 +376,7 @@ class TorchLearner:
         self.optimizer = torch.optim.AdamW(
             params, lr=learner_cfg.lr, betas=learner_cfg.betas, weight_decay=learner_cfg.weight_decay
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: lr_lambda(
-                s, warmup=learner_cfg.warmup_steps, total=train_cfg.steps, schedule=learner_cfg.lr_schedule
-            ),
-        )
-        self.loss_entry = POLICY_LOSSES.get(algo_cfg.policy_loss)
-        self.loss_params = POLICY_LOSSES.build_params(algo_cfg.policy_loss, algo_cfg.loss_params)
+        learner_schedule(self, self.optimizer, learner_cfg, algo_cfg, train_cfg)
         # a prompt KV cache cannot be built under gradient checkpointing (HF drops use_cache)
         self.share_prompt = learner_cfg.share_prompt and not model_cfg.gradient_checkpointing
         self._entropies: list[Tensor] = []  # per-token entropies of the last step (first epoch)

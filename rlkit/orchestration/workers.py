@@ -128,14 +128,7 @@ class LearnerWorker:
             return
         from rlkit.learner.torch_learner import TorchLearner
 
-        self.learner = TorchLearner(
-            model_path,
-            model_cfg=cfg.model,
-            learner_cfg=cfg.learner,
-            algo_cfg=cfg.learner_algorithm,
-            train_cfg=cfg.train,
-            seed=cfg.seed,
-        )
+        self.learner = TorchLearner(model_path, cfg)
 
     def node(self) -> tuple[str, str]:
         """(Ray node id, node IP address) of this actor."""
@@ -153,11 +146,8 @@ class LearnerWorker:
         from rlkit.learner.deepspeed import DeepSpeedLearner
 
         cfg = self._cfg
-        self.learner = DeepSpeedLearner(
-            self._model_path, model_cfg=cfg.model, learner_cfg=cfg.learner, algo_cfg=cfg.learner_algorithm,
-            train_cfg=cfg.train, seed=cfg.seed, rank=self.rank, world_size=cfg.learner.num_ranks,
-            master_addr=master_addr, master_port=master_port,
-        )
+        self.learner = DeepSpeedLearner(self._model_path, cfg, rank=self.rank, world_size=cfg.learner.num_ranks,
+                                        master_addr=master_addr, master_port=master_port)
         return self.learner.info()
 
     def gradients(self, batch):
