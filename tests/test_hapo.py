@@ -512,3 +512,17 @@ def test_processor_behaviour_logprobs_use_adapted_temperature(
     # greedy rows stay greedy and record T = 1 log-probs
     assert comps[4].token_ids == comps[5].token_ids == plain_greedy[0].token_ids
     assert comps[4].logprobs == pytest.approx(plain_greedy[0].logprobs, abs=1e-5)
+
+
+def test_sampler_and_loss_pivots_must_agree():
+    from pathlib import Path
+
+    from rlkit.config import ConfigError, load_config
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes/hapo.yaml"
+    assert load_config(recipe).engine.adaptive_temperature.pivot == 0.8
+    with pytest.raises(ConfigError, match=r"engine.adaptive_temperature.pivot=0.5 differs from "
+                                          r"algorithm.loss_params.entropy_pivot=0.8"):
+        load_config(recipe, ["engine.adaptive_temperature.pivot=0.5"])
+    both = load_config(recipe, ["engine.adaptive_temperature.pivot=0.5", "algorithm.loss_params.entropy_pivot=0.5"])
+    assert both.engine.adaptive_temperature.pivot == 0.5

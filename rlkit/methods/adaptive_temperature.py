@@ -22,6 +22,19 @@ class AdaptiveTemperatureStage(Stage):
     def enabled(cls, cfg: Any) -> bool:
         return bool(cfg.engine.adaptive_temperature.enabled)
 
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        """With the ``hapo`` loss, the sampler's entropy pivot and sign convention are the loss's:
+        both normalise the same entropies (docs/algorithms.md §3.1)."""
+        at, a = cfg.engine.adaptive_temperature, cfg.algorithm
+        if not at.enabled or a.policy_loss != "hapo":
+            return
+        for mine, theirs, default in (("pivot", "entropy_pivot", 0.8), ("replicate_release_sign", "replicate_release_sign", False)):
+            if getattr(at, mine) != a.loss_params.get(theirs, default):
+                raise ValueError(f"engine.adaptive_temperature.{mine}={getattr(at, mine)!r} differs from "
+                                 f"algorithm.loss_params.{theirs}={a.loss_params.get(theirs, default)!r}: the sampler "
+                                 "and the hapo loss normalise the same entropies; set both to one value")
+
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
         self.stats: list[float] | None = None  # (m, s, scale_pos, scale_neg) of the last update

@@ -164,7 +164,7 @@ class LearnerWorker:
 
     def state_for_sync(self):
         """Weights as numpy arrays: Ray stores them as out-of-band buffers and engines on the same
-        node read them without a pickle copy (measured: see the foundation issue note)."""
+        node read them without a pickle copy."""
         import torch
 
         state = self.learner.state_for_sync()  # None on DeepSpeed ranks other than 0
