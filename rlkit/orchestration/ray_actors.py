@@ -47,6 +47,9 @@ def init_ray(cfg: Config) -> None:
         configure_logging=False,
         runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
     )
+    from rlkit.orchestration.reaper import start_reaper
+
+    start_reaper()  # a killed driver leaves no Ray process of its own behind
 
 
 def _single_machine_mode() -> None:
