@@ -14,10 +14,8 @@ from typing import Any
 from rlkit.methods.base import Stage, register_stage
 
 
-@register_stage("adaptive_temperature")
+@register_stage("adaptive_temperature", order=40)
 class AdaptiveTemperatureStage(Stage):
-    order = 40
-
     @classmethod
     def enabled(cls, cfg: Any) -> bool:
         return bool(cfg.engine.adaptive_temperature.enabled)

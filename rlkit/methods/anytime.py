@@ -64,7 +64,7 @@ from rlkit.algorithms.brpo import (
 )
 from rlkit.common import stable_seed
 from rlkit.loop.experience import Group, sampling_params, score_groups
-from rlkit.methods.base import Stage, advantage_wants, register_stage
+from rlkit.methods.base import Stage, register_stage
 from rollout.engine import Completion, RolloutRequest, SamplingParams
 
 __all__ = ["AnytimeParams", "AnytimeStage", "AnytimeStep", "BRPORows", "SummarySample", "brpo_rows", "check_config",
@@ -394,17 +394,13 @@ def check_config(cfg: Any) -> None:
                          "advantage_params.b_max by design (its summaries are what gets scored)")
 
 
-@register_stage("anytime")
+@register_stage("anytime", order=20)
 class AnytimeStage(Stage):
     """BRPO's anytime rollout: the training rollout samples the thinking (``rollout_params``); after
     scoring, the summaries of every thinking at every budget are sampled, scored and packed after
     the thinking groups, and the ``brpo`` advantage gets its extras."""
 
-    order = 20
-
-    @classmethod
-    def enabled(cls, cfg: Any) -> bool:
-        return advantage_wants(cfg, "needs_anytime_rollout")
+    advantage_flag = "needs_anytime_rollout"
 
     @classmethod
     def check(cls, cfg: Any) -> None:

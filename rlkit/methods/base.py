@@ -54,6 +54,8 @@ class Stage:
     name: ClassVar[str] = ""
     order: ClassVar[int] = 100  # hooks run in (order, name) order; built-ins 10-50, user stages 100
     params_cls: ClassVar[type | None] = None  # dataclass of the ``stages: [{name, params}]`` entry
+    # a built-in stage that the advantage estimator asks for: the flag its params class sets
+    advantage_flag: ClassVar[str | None] = None
 
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
@@ -62,6 +64,8 @@ class Stage:
     # ------------------------------------------------------------------ class-level (no instance yet)
     @classmethod
     def enabled(cls, cfg: Any) -> bool:
+        if cls.advantage_flag is not None:
+            return advantage_wants(cfg, cls.advantage_flag)
         return cls.name in stage_entries(cfg)
 
     @classmethod
@@ -120,14 +124,16 @@ class Stage:
 STAGES: Registry[type[Stage]] = Registry("stage")
 
 
-def register_stage(name: str) -> Callable[[type[Stage]], type[Stage]]:
+def register_stage(name: str, order: int | None = None) -> Callable[[type[Stage]], type[Stage]]:
     """Class decorator: ``@register_stage("my_stage")`` makes a :class:`Stage` selectable as
-    ``stages: [my_stage]`` (or active by its own ``enabled``)."""
+    ``stages: [my_stage]`` (or active by its own ``enabled``); ``order`` sets when its hooks run."""
 
     def deco(cls: type[Stage]) -> type[Stage]:
         if not (isinstance(cls, type) and issubclass(cls, Stage)):
             raise TypeError(f"@register_stage({name!r}) decorates a subclass of rlkit.methods.Stage")
         cls.name = name
+        if order is not None:
+            cls.order = order
         STAGES.add(name, cls)
         return cls
 

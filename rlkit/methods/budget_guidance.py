@@ -89,10 +89,8 @@ def attach_budget_guidance(engine: Any, path: str | Path, params: Mapping[str, A
     return proc
 
 
-@register_stage("budget_guidance")
+@register_stage("budget_guidance", order=50)
 class BudgetGuidanceStage(Stage):
-    order = 50
-
     @classmethod
     def enabled(cls, cfg: Any) -> bool:
         return bool(cfg.model.budget_guidance)

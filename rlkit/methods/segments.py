@@ -195,12 +195,10 @@ def read_segment_log(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-@register_stage("segments")
+@register_stage("segments", order=10)
 class SegmentsStage(Stage):
     """UloRL segment rollout (``segments.enabled``): replaces the collector; its pools are
     checkpointed with the stage."""
-
-    order = 10
 
     collects = True
 

@@ -46,7 +46,7 @@ from rlkit.algorithms.spae import (
 )
 from rlkit.common import build_dataclass, stable_seed
 from rlkit.loop.experience import step_seed
-from rlkit.methods.base import Stage, advantage_wants, register_stage
+from rlkit.methods.base import Stage, register_stage
 from rollout.engine import Completion, RolloutRequest, SamplingParams
 
 
@@ -320,16 +320,12 @@ def probe_groups(groups: Sequence[Any], engines: Any, tokenizer: Any, p: ProbePa
     return run_step_probes(engines, tokenizer, prompts, responses, answers, p, seed=seed)
 
 
-@register_stage("step_probes")
+@register_stage("step_probes", order=30)
 class StepProbeStage(Stage):
     """SPAE's step probes: after scoring, each response is cut at its step boundaries and probed
     (``algorithm.step_probe``); the estimator gets the per-step correctness and confidence."""
 
-    order = 30
-
-    @classmethod
-    def enabled(cls, cfg: Any) -> bool:
-        return advantage_wants(cfg, "needs_step_probes")
+    advantage_flag = "needs_step_probes"
 
     @classmethod
     def check(cls, cfg: Any) -> None:
