@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from rollout.engine import Completion, RolloutRequest, reassemble, round_robin
+from rollout.engine import Completion, RolloutRequest, reassemble, round_robin, split_per_request
 
 
 class LocalEnginePool:
@@ -51,11 +51,7 @@ class LocalEnginePool:
                            continuations: list[list[int]]) -> tuple[list[list[Completion]], list[list[float]], int]:
         """Both kinds of call at once: completions per request, log-probs per continuation, and the
         number of engine calls made (one of each kind per engine that has work)."""
-        comps, _ = self.generate(requests)
-        per_req, off = [], 0
-        for r in requests:
-            per_req.append(comps[off: off + r.params.n])
-            off += r.params.n
+        per_req = split_per_request(requests, self.generate(requests)[0])
         E = len(self.engines)
         calls = sum(1 for idx in round_robin(len(requests), E) if idx)
         calls += sum(1 for idx in round_robin(len(prefixes), E) if idx)

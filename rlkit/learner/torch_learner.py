@@ -144,11 +144,13 @@ def plan_micro_batches(batch: TrainBatch, rows, size: int | None, share_prompt: 
     plen = dict(zip(rows, batch.attention_mask_BS[rows, :P].sum(1).tolist()))
     rlen = dict(zip(rows, batch.response_mask_BT[rows].sum(1).tolist()))
     units: list[list[int]] = []  # rows that must share a micro-batch: a prompt group, or one row
+    last_group = None
     for _, g, _, r in order:
-        if units and share_prompt and inv[rows.index(units[-1][0])] == g:
+        if units and share_prompt and g == last_group:
             units[-1].append(r)
         else:
             units.append([r])
+        last_group = g
     plan: list[list[int]] = []
     cur: list[int] = []
     for unit in units:

@@ -63,12 +63,6 @@ def sampling_params(cfg: Config, *, n: int, seed: int, greedy: bool = False, max
     )
 
 
-def generate(engines, requests: list[RolloutRequest]) -> tuple[list[Completion], float]:
-    """Sample ``requests`` on ``engines``: an :class:`~rlkit.orchestration.engine_pool.EnginePool`
-    (sharded, a dead engine recreated and its shard retried) or a ``LocalEnginePool``."""
-    return engines.generate(requests)
-
-
 def score_groups(groups: list[Group], manager, answer_columns: list[str] | None = None) -> dict[str, float]:
     """Run the verifiers on every completion; fills ``group.rewards``. Returns reward metrics."""
     texts, columns = [], {}
@@ -276,7 +270,7 @@ def collect(step: int, cfg: Config, engines, cursor, rows, encode, manager, trac
         reqs = [RolloutRequest(prompt_ids=encode(r, b), params=params, group_id=k,
                                budget=None if b is None else b.budget, meta=dict(request_meta or {}))
                 for k, (r, b) in enumerate(zip(batch_rows, budgets))]
-        comps, gen_s = generate(engines, reqs)
+        comps, gen_s = engines.generate(reqs)
         m["time/gen_s"] += gen_s
         groups = [
             Group(row=r, prompt_ids=q.prompt_ids,

@@ -11,7 +11,7 @@ Flow of one BRPO step (the math is in :mod:`rlkit.algorithms.brpo`)::
     AdvantageInputs(rows.rewards_B, rows.group_ids_B, batch.response_mask_BT, extras=rows.extras)
 
 Engines are ``RolloutEngine`` objects or Ray actor handles of them (as in
-:func:`rlkit.loop.experience.generate`); every summary of the batch goes out in one ``generate`` call
+:func:`rlkit.orchestration.engine_pool.as_pool`); every summary of the batch goes out in one ``generate`` call
 per engine. A summary scores 1 when the verifier accepts it and the whole trace has exactly one
 think-end marker (the summary itself must not emit another one); summaries of a thinking that
 ended with EOS are not sampled and score 0 (unless ``eos_ends_thinking``). The trainer runs this

@@ -71,7 +71,7 @@ class SegmentRollout:
 
     Args:
         cfg: the run config (``segments.enabled``).
-        generate: ``requests -> completions`` over the engines (e.g. ``experience.generate``).
+        generate: ``requests -> completions`` over the engines (e.g. an engine pool's ``generate``).
         cursor: the data cursor (``next_indices(k)``, checkpointed by the trainer).
         rows: training rows; a group's payload is its row index.
         encode: ``row -> prompt token ids``.

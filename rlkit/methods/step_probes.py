@@ -4,7 +4,7 @@ For every step boundary ``b`` of response ``i`` (see :func:`rlkit.algorithms.spa
 the probe context is ``h = prompt_ids + response[:b+1] + tokens(p_probe)`` with
 ``p_probe = "**Final Answer**\\n\\\\boxed{"``. Two kinds of engine work, each batched over ALL
 boundaries of the batch into ONE call per engine (requests are sharded round-robin over a list of
-engines, like :func:`rlkit.loop.experience.generate`; on Ray actors both kinds run concurrently):
+engines, like every engine-pool call; on Ray actors both kinds run concurrently):
 
 - ``generate``: N short samples per boundary (``max_new_tokens`` 10, temperature 0.6) with
   per-token entropies -> ``Conf = mean_n exp(-mean_l H_{n,l})`` (§2.2, paper form);

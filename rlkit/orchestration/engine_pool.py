@@ -2,7 +2,7 @@
 
 Every engine call of the trainer (rollouts, SPAE probes, segment rollouts, evaluation, weight sync)
 goes through :class:`EnginePool`. Requests are sharded round-robin over the engines (request i goes
-to engine ``i % E``, as :func:`rlkit.loop.experience.generate` always did). When an engine actor dies in
+to engine ``i % E``, as ``rollout.pool.LocalEnginePool`` does in-process). When an engine actor dies in
 the middle of a call (``RayActorError``: process killed, OOM, node lost), the pool
 
 1. recreates it with the same constructor arguments in the same placement slot,
