@@ -251,7 +251,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
                 print(f"{f'{key}.{field} [{name}]':<45} {default:<28} {desc}")
         return 0
     cfg = load_config(args.recipe, args.overrides)
-    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    print(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
     from rlkit.methods import active_stages
 
     print(f"# method stages of this run: {', '.join(s.name for s in active_stages(cfg)) or 'none'}")

@@ -26,7 +26,7 @@ def check_combinations(c: Config) -> None:
             f"train.mini_batches={t.mini_batches} must divide prompts_per_step*samples_per_prompt"
             f"={c.samples_per_step}"
         )
-    rc = a.rollout_correction
+    rc = a.rollout_correction.model_copy(update={"mode": c.correction_mode})
     if rc.mode != "none" and a.old_logprobs == "rollout":
         raise ValueError("algorithm.rollout_correction weights pi_old / pi_rollout; with algorithm.old_logprobs="
                          "rollout the PPO ratio is already taken against the engine's log-probs: use "

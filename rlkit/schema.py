@@ -168,8 +168,9 @@ class OverlongShapingConfig(_Section):
 class RolloutCorrectionConfig(_Section):
     """Rollout-training mismatch correction: weight the loss by pi_old / pi_rollout (rlkit/algorithms/correction.py)."""
 
-    mode: Literal["none", "tis", "mis"] = Field(
-        "none", description="tis: weight min(w, clip); mis: drop tokens/sequences with w outside [1/clip, clip]."
+    mode: Literal["auto", "none", "tis", "mis"] = Field(
+        "auto", description="tis: weight min(w, clip); mis: drop tokens/sequences with w outside [1/clip, clip]; "
+        "auto: tis when train.async trains on tokens of older policies, else none."
     )
     level: Literal["token", "sequence"] = Field("token", description="w per token, or per sequence (product).")
     clip: float = Field(2.0, gt=1.0, description="C of the truncation / the masking band.")
@@ -206,12 +207,37 @@ class AlgorithmConfig(_Section):
     )
 
 
+class AsyncConfig(_Section):
+    """Overlap of generation and training (rlkit.methods.async_rollout)."""
+
+    mode: Literal["sync", "one_step_off", "async"] = Field(
+        "sync", description="sync: generate, then train; one_step_off: the engines generate step t+1's batch while "
+        "the learner trains on step t's; async: the engines generate ahead continuously, up to max_staleness."
+    )
+    max_staleness: int = Field(
+        1, ge=0, description="Hard bound: no token sampled by a policy more than this many updates older than the "
+        "learner's is trained on (such samples are regenerated, counted in async/dropped_stale)."
+    )
+    partial_rollout: bool = Field(
+        False, description="async: generate in chunks of chunk_tokens, so a weight push waits at most one chunk; "
+        "running samples continue under the new weights (each token keeps the version that sampled it)."
+    )
+    chunk_tokens: int | None = Field(None, ge=1, description="Chunk of partial_rollout; default max_new_tokens // 4.")
+
+    def resolved_chunk(self, max_new_tokens: int) -> int:
+        return min(self.chunk_tokens or max(1, max_new_tokens // 4), max_new_tokens)
+
+
 class TrainConfig(_Section):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, populate_by_name=True)
+
     steps: int = Field(20, ge=1, description="RL steps (rollout + update rounds).")
     prompts_per_step: int = Field(8, ge=1)
     samples_per_prompt: int = Field(8, ge=1, description="Group size G.")
     ppo_epochs: int = Field(1, ge=1)
     mini_batches: int = Field(1, ge=1, description="Optimizer steps per epoch over the batch.")
+    async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async",
+                                description="Overlap generation with training (written `async:` in YAML).")
 
 
 class VerifierConfig(_Section):
@@ -407,7 +433,23 @@ class Config(_Section):
         return self.train.prompts_per_step * self.train.samples_per_prompt
 
     @property
+    def correction_mode(self) -> str:
+        """``algorithm.rollout_correction.mode`` with ``auto`` resolved: tis when ``train.async`` may
+        train on tokens of older policies (and the PPO ratio is not taken against them already)."""
+        mode = self.algorithm.rollout_correction.mode
+        if mode != "auto":
+            return mode
+        stale = self.train.async_.mode != "sync" and self.train.async_.max_staleness > 0
+        return "tis" if stale and self.algorithm.old_logprobs != "rollout" else "none"
+
+    @property
     def learner_algorithm(self) -> AlgorithmConfig:
-        """``algorithm`` as the learners read it: ``norm_length`` defaults to the longest response."""
+        """``algorithm`` as the learners read it: ``norm_length`` defaults to the longest response,
+        ``rollout_correction.mode`` resolved (:attr:`correction_mode`)."""
         a = self.algorithm
-        return a if a.norm_length else a.model_copy(update={"norm_length": self.engine.max_new_tokens})
+        upd: dict[str, Any] = {}
+        if not a.norm_length:
+            upd["norm_length"] = self.engine.max_new_tokens
+        if a.rollout_correction.mode == "auto":
+            upd["rollout_correction"] = a.rollout_correction.model_copy(update={"mode": self.correction_mode})
+        return a.model_copy(update=upd) if upd else a

@@ -124,6 +124,8 @@ class Trainer:
             s.start(start)
         if start:
             self.engines.sync(self.learner, self.policy_version)
+        for s in self.stages:
+            s.after_sync(self.policy_version)
         summary: dict[str, Any] = {"run_dir": str(self.run_dir), "resumed_from": start}
         with Tracker(self.run_dir, total_steps=cfg.train.steps, start_step=start + 1, tensorboard=cfg.tracking.tensorboard,
                      wandb=cfg.tracking.wandb, console=cfg.tracking.console) as tracker:
@@ -140,6 +142,7 @@ class Trainer:
                 tracker.log(step, metrics)
                 if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps:
                     self._save(step)
+            self._close_stages()
             if cfg.checkpoint.export_final:
                 summary["final"] = str(self.run_dir / "final")
                 ray.get(self.learner.export.remote(summary["final"], self.model_path))
@@ -190,6 +193,8 @@ class Trainer:
                 m.update(s.after_update(self.learner))
             m["time/sync_s"] = self.engines.sync(self.learner, step)
             self.policy_version = step
+            for s in self.stages:
+                s.after_sync(step)
             if cfg.cluster.verify_sync_every and step % cfg.cluster.verify_sync_every == 0:
                 m.update(verify_or_stop(self.engines, self.learner, step, cfg.cluster.verify_sync_tol, self.run_dir))
         else:
@@ -208,9 +213,14 @@ class Trainer:
     def _evaluate(self, tracker, tag: str) -> dict[str, float]:
         return report.evaluate(self.cfg, self.run_dir, self.eval_rows, self.encode, self.engines, tracker, tag)
 
+    def _close_stages(self) -> None:
+        for s in getattr(self, "stages", ()):
+            s.close()
+
     def close(self) -> None:
         from rlkit.orchestration.ray_actors import release
 
+        self._close_stages()
         if getattr(self, "memory", None) is not None:
             self.memory.stop()
         if getattr(self, "manager", None) is not None:

@@ -2,6 +2,7 @@
 
 Each built-in stage is one module; importing this package registers them (in this order):
 
+- ``async``: generation overlapped with training (replaces the collector) -- async_rollout.py
 - ``segments``: UloRL segment rollout (replaces the collector)            -- segments.py
 - ``anytime``: BRPO's summaries of truncated thinking                    -- anytime.py
 - ``step_probes``: SPAE's per-step probes                                -- step_probes.py
@@ -13,6 +14,7 @@ The protocol (hooks, registry, selection) is in base.py.
 
 from rlkit.methods import adaptive_temperature as _adaptive_temperature  # noqa: F401,E402
 from rlkit.methods import anytime as _anytime  # noqa: F401,E402
+from rlkit.methods import async_rollout as _async_rollout  # noqa: F401,E402
 from rlkit.methods import budget_guidance as _budget_guidance  # noqa: F401,E402
 from rlkit.methods import segments as _segments  # noqa: F401,E402  (registers the built-in stages)
 from rlkit.methods import step_probes as _step_probes  # noqa: F401,E402

@@ -401,6 +401,7 @@ class AnytimeStage(Stage):
     the thinking groups, and the ``brpo`` advantage gets its extras."""
 
     advantage_flag = "needs_anytime_rollout"
+    current_policy = True  # samples summaries / probes from the step's responses with the engines
 
     @classmethod
     def check(cls, cfg: Any) -> None:

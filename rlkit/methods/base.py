@@ -12,9 +12,11 @@ registration order, at a fixed point of the step::
     after_score(step, groups, extras) -> (groups, extras, metrics)
                                   after scoring and before advantages: add groups or estimator inputs
     after_update(learner)         after the learner's update, before the weight sync -> metrics
+    after_sync(version)           the engines hold policy ``version`` (after setup/resume and each push)
     metrics()                     once per step, after the update -> metrics
     state_dict() / load_state_dict(state)
                                   checkpointed under the stage's name
+    close()                       training is over (before the final evaluation) or the run failed
 
 Hooks run in the stages' ``(order, name)`` order, the same in every process. A stage is active when its ``enabled(cfg)`` says so: built-in stages look at the config block
 that turns them on (``segments.enabled``, ``engine.adaptive_temperature.enabled``, ...); a user's
@@ -56,6 +58,8 @@ class Stage:
     params_cls: ClassVar[type | None] = None  # dataclass of the ``stages: [{name, params}]`` entry
     # a built-in stage that the advantage estimator asks for: the flag its params class sets
     advantage_flag: ClassVar[str | None] = None
+    # its after_score calls the engines and needs them to hold the policy that sampled the groups
+    current_policy: ClassVar[bool] = False
 
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
@@ -111,8 +115,14 @@ class Stage:
     def after_update(self, learner: Any) -> dict[str, float]:
         return {}
 
+    def after_sync(self, version: int) -> None:
+        pass
+
     def metrics(self) -> dict[str, float]:
         return {}
+
+    def close(self) -> None:
+        pass
 
     def state_dict(self) -> Any:
         return None
@@ -153,15 +163,18 @@ def stage_entries(cfg: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def active_stages(cfg: Any) -> list[type[Stage]]:
+def active_stages(cfg: Any, checked: bool = True) -> list[type[Stage]]:
     """The stage classes ``cfg`` turns on, in registration order; unknown ``stages:`` names, bad
-    params and two collectors are errors (``ValueError`` naming the key)."""
+    params and two collectors are errors (``ValueError`` naming the key); ``checked=False`` only
+    selects (for a stage's ``check`` looking at the others)."""
     for name in stage_entries(cfg):
         try:
             STAGES.get(name)
         except KeyError as e:  # unknown name -> did-you-mean
             raise ValueError(f"stages: {e.args[0]}") from None
     classes = sorted((cls for cls in STAGES.values() if cls.enabled(cfg)), key=lambda c: (c.order, c.name))
+    if not checked:
+        return classes
     for cls in classes:
         cls.build_params(cfg)
     collectors = [c.name for c in classes if c.collects]

@@ -161,12 +161,7 @@ class SegmentRollout:
         return out
 
     def _text(self, token_ids: list[int]) -> str:
-        """The whole response as the verifiers see it; cut after the first stop string, as the
-        engine does for a one-segment response (a stop string spanning two segments is not
-        detected by the engine, so the sample simply goes on)."""
-        text = self.decode(token_ids)
-        cuts = [text.find(s) + len(s) for s in self.cfg.engine.stop if s in text]
-        return text[: min(cuts)] if cuts else text
+        return response_text(self.decode(token_ids), self.cfg.engine.stop)
 
     def _log(self, step: int, batch: SegmentBatch, groups: list[X.Group], kept: list[X.Group]) -> None:
         """Append this step's handed-out samples to ``segments.jsonl`` (flushed + fsynced)."""
@@ -185,6 +180,14 @@ class SegmentRollout:
             f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def response_text(text: str, stop: Any) -> str:
+    """A response decoded from several pieces as the verifiers see it: cut after the first stop
+    string, as the engine does for a one-piece response (a stop string spanning two pieces is not
+    detected by the engine, so the sample simply goes on)."""
+    cuts = [text.find(s) + len(s) for s in stop if s in text]
+    return text[: min(cuts)] if cuts else text
 
 
 def read_segment_log(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -252,4 +255,4 @@ class SegmentsStage(Stage):
         self.rollout.load_state_dict(state)
 
 
-__all__ = ["LOG_FILE", "SegmentRollout", "SegmentsStage", "read_segment_log", "segment_config", "token_digest"]
+__all__ = ["LOG_FILE", "SegmentRollout", "SegmentsStage", "read_segment_log", "response_text", "segment_config", "token_digest"]

@@ -326,6 +326,7 @@ class StepProbeStage(Stage):
     (``algorithm.step_probe``); the estimator gets the per-step correctness and confidence."""
 
     advantage_flag = "needs_step_probes"
+    current_policy = True  # samples summaries / probes from the step's responses with the engines
 
     @classmethod
     def check(cls, cfg: Any) -> None:
