@@ -122,19 +122,16 @@ class AsyncRollout:
                 self.thread.start()
 
     # ------------------------------------------------------------------ producer
-    def _ahead(self) -> int:
-        """Groups (and prompts to regenerate) not yet handed to a step."""
-        return len(self.groups) + len(self.todo)
-
     def _position(self) -> tuple[int, int]:
         """Where a round started now lands: ``(staleness when trained, target step)``. Its groups join
-        the FIFO behind ``ahead`` others; the step being collected still takes ``demand`` groups;
-        after that step (or a step whose push is pending) the learner is one version further than
-        the engines generating now."""
-        ahead = self._ahead()
-        if self.phase == "collecting" and ahead < self.demand:
+        the FIFO behind the live groups and the prompts waiting to be generated again; the step being
+        collected still takes ``demand`` groups (when the live groups cannot cover it, the round
+        serves this step); after that step, or a step whose push is pending, the learner is one
+        version further than the engines generating now."""
+        live = len(self.groups)
+        if self.phase == "collecting" and live < self.demand:
             return 0, self.version + 1
-        behind = ahead - self.demand if self.phase == "collecting" else ahead
+        behind = live + len(self.todo) - (self.demand if self.phase == "collecting" else 0)
         lag = int(self.phase != "idle") + behind // self.P
         return lag, self.version + 1 + lag
 
@@ -233,9 +230,10 @@ class AsyncRollout:
 
     # ------------------------------------------------------------------ consumer
     def _take(self, n: int, dropped: list[int], labels: set[tuple[int, int]]) -> list[SegmentGroup]:
-        """Up to ``n`` complete groups, FIFO; a group over the staleness bound goes back to be
+        """Up to ``n`` complete groups, oldest first; a group over the staleness bound goes back to be
         generated again (its row into ``todo``). Called with the lock held."""
         out = []
+        self.ready.sort()  # oldest first (group ids grow with creation): the later ones can wait
         while self.ready and len(out) < n:
             gid = self.ready.pop(0)
             g = self.groups.pop(gid)
@@ -261,6 +259,10 @@ class AsyncRollout:
                                    f"{self.error}") from self.error
             if self.thread is None or not self.thread.is_alive():
                 raise RuntimeError("async rollout producer is not running")
+            if not self.busy and not self._running() and not self._round_allowed():
+                raise RuntimeError(f"async rollout: the step needs {n - len(self.ready)} more group(s) and the "
+                                   f"staleness bound lets none be generated (version {self.version}, phase "
+                                   f"{self.phase}, {len(self.groups)} live groups, {len(self.todo)} to regenerate)")
             self.cond.wait(timeout=1.0)
         return time.perf_counter() - t0
 
@@ -418,9 +420,6 @@ class AsyncStage(Stage):
         if cfg.cluster.placement == "colocated" and cfg.cluster.engine_gpus > 0:
             raise ValueError("train.async overlaps generation with training: it needs the engines and the learner "
                              "on separate GPUs (cluster.placement=split), not colocated")
-        if cfg.segments.enabled:
-            raise ValueError("train.async does not combine with segments.enabled (both replace the collector; "
-                             "train.async.partial_rollout continues samples across weight pushes)")
         for st in active_stages(cfg, checked=False):
             if st is cls:
                 continue
