@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", choices=["trl", "rlkit"], default=None)
     p.add_argument("--output-dir", default=os.path.join(tempfile.gettempdir(), "bench_runs"))
     p.add_argument("--timeout", type=float, default=1800, help="seconds per side")
+    p.add_argument("--rlkit-override", action="append", default=[],
+                   help="extra KEY=VALUE for the rlkit side, e.g. train.async.mode=one_step_off")
     p.add_argument("--worker", choices=["trl", "rlkit"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -74,6 +76,7 @@ def rlkit_overrides(a: argparse.Namespace) -> list[str]:
         "train.ppo_epochs=1", "train.mini_batches=1",
         "eval.before=false", "eval.after=false", "checkpoint.every=0", "checkpoint.export_final=false",
         f"output_dir={a.output_dir}", "name=rlkit_bench", "tracking.tensorboard=false", "seed=0",
+        *a.rlkit_override,
     ]
 
 
@@ -257,12 +260,24 @@ def run_side(side: str, a: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--result", result_path,
            "--prompts", str(a.prompts), "--group", str(a.group),
            "--max-new-tokens", str(a.max_new_tokens), "--steps", str(a.steps),
-           "--micro-batch", str(a.micro_batch), "--lr", str(a.lr), "--output-dir", a.output_dir]
+           "--micro-batch", str(a.micro_batch), "--lr", str(a.lr), "--output-dir", a.output_dir,
+           *[x for o in a.rlkit_override for x in ("--rlkit-override", o)]]
     print(f"[bench] running {side} ...", flush=True)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=a.timeout)
+    # peak memory the same way for both sides: PSS summed over the worker's process tree (rlkit's
+    # includes its local Ray: raylet, GCS, the learner and engine actors), sampled every 0.5 s
+    from rlkit.infra.sysmon import MemoryMonitor
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    mon = MemoryMonitor(interval_s=0.5, root_pid=proc.pid).start()
+    try:
+        proc.wait(timeout=a.timeout)
+    finally:
+        mon.stop()
+        if proc.poll() is None:
+            proc.kill()
     wall = time.perf_counter() - t0
     try:
         if proc.returncode != 0:
@@ -271,6 +286,7 @@ def run_side(side: str, a: argparse.Namespace) -> dict:
     finally:
         Path(result_path).unlink(missing_ok=True)
     res["process_wall_s"] = wall
+    res["peak_pss_gib"], res["peak_rss_sum_gib"] = mon.peak_pss_gib, mon.peak_rss_gib
     # 1-min load average: other processes on the box inflate both sides' times (2 cores here).
     res["loadavg_before"], res["loadavg_after"] = list(load_before), list(os.getloadavg())
     return res
@@ -302,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         keys = ("gen_s", "reward_s", "train_s") + (("sync_s",) if side == "rlkit" else ())
         print("       breakdown (mean, excl. warm-up): " + ", ".join(
             f"{k} {_fmt(r.get('mean_' + k))} s" for k in keys)
-            + f" | load avg before/after {_fmt(r['loadavg_before'][0])}/{_fmt(r['loadavg_after'][0])}")
+            + f" | load avg before/after {_fmt(r['loadavg_before'][0])}/{_fmt(r['loadavg_after'][0])}"
+            + f" | peak PSS {_fmt(r['peak_pss_gib'])} GiB (process tree)")
     ratio = None
     if "trl" in results and "rlkit" in results and results["trl"]["mean_step_s"]:
         ratio = results["rlkit"]["mean_step_s"] / results["trl"]["mean_step_s"]
@@ -310,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"bench": "step_time_vs_trl", "setup": setup,
                       "trl_mean_step_s": results.get("trl", {}).get("mean_step_s"),
                       "rlkit_mean_step_s": results.get("rlkit", {}).get("mean_step_s"),
+                      "rlkit_overrides": a.rlkit_override,
+                      "peak_pss_gib": {k: r.get("peak_pss_gib") for k, r in results.items()},
                       "ratio_rlkit_over_trl": ratio, "results": results}))
     return 0
 

@@ -82,7 +82,7 @@ class SerialPool:
             self.engine.load_weights({}, version=version)
 
 
-def _collector(model_dir, tmp_path, *ov, delay_s=0.0):
+def _collector(model_dir, tmp_path, *ov, delay_s=0.0, engine=None):
     from rewards import RewardManager
     from rlkit.infra.data import PromptCursor, load_run_rows
     from rlkit.infra.models import load_tokenizer
@@ -95,7 +95,7 @@ def _collector(model_dir, tmp_path, *ov, delay_s=0.0):
     tok = load_tokenizer(model_dir)
     rows, _, _ = load_run_rows(cfg)
     cursor = PromptCursor(len(rows), cfg.seed)
-    pool = SerialPool(HFEngine(model_dir, max_batch_size=16, seed=0), delay_s)
+    pool = SerialPool(engine or HFEngine(model_dir, max_batch_size=16, seed=0), delay_s)
     man = RewardManager.from_config(cfg.reward)
     ro = AsyncRollout(cfg, pool, cursor, rows, PromptEncoder(cfg, tok), lambda ids: tok.decode(ids), man, "math",
                       tmp_path / "c")

@@ -259,7 +259,8 @@ def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_rlkit_train_with_two_zero3_ranks(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["train.async.mode=one_step_off", "train.steps=3"]], ids=["sync", "one_step_off"])
+def test_rlkit_train_with_two_zero3_ranks(tiny_model_dir, tmp_path, extra):
     from rlkit.infra.tracking import read_metrics
 
     args = [
@@ -270,11 +271,14 @@ def test_rlkit_train_with_two_zero3_ranks(tiny_model_dir, tmp_path):
         "reward.mode=inline", "model.lora.rank=0", "cluster.num_cpus=2", "learner.name=deepspeed",
         "reward.verifiers=[{name: math}, {name: tests/e2e_rewards.py:digit_fraction}]",  # reward variance
         "learner.num_ranks=2", "learner.deepspeed.zero_stage=3", PARTITION_ALL, "eval.before=false", "eval.after=false",
+        *extra,  # the overlapped mode: the producer thread calls the engines while both ranks train
     ]
     res = _run_cli(args)
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "ds"
     m = read_metrics(run)
-    assert [x["step"] for x in m] == [1, 2]
+    assert [x["step"] for x in m] == ([1, 2, 3] if extra else [1, 2])
     assert all(x["actor/grad_norm"] > 0 and "time/sync_s" in x for x in m)
+    if extra:
+        assert [x["async/staleness_max"] for x in m] == [0, 1, 1]
     assert (run / "final" / "config.json").is_file()

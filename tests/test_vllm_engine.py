@@ -311,3 +311,20 @@ def test_rlkit_eval_engine_is_vllm_with_a_peft_adapter_dir(model_dir, tmp_path):
         assert _maxdiff(eng.score([prompt], [cont])[0], hf.score([prompt], [cont])[0]) < 5 * TOL
     finally:
         eng.close()
+
+
+def test_async_collector_partial_rollouts_over_vllm(engines, model_dir, tmp_path):
+    """train.async with partial rollouts on the vLLM engine: chunks resume from their tokens
+    (``resume_ids``) under the pushed versions; the bound holds on the recorded versions."""
+    from test_async import _collector, _drive
+
+    eng, _ = engines
+    ro, pool, man, _ = _collector(model_dir, tmp_path, "train.async.mode=async", "train.async.max_staleness=1",
+                                  "train.async.partial_rollout=true", "train.async.chunk_tokens=3", "train.steps=4",
+                                  "engine.name=vllm", delay_s=0.2, engine=eng)
+    try:
+        res = _drive(ro, pool, 4)
+    finally:
+        man.close()
+    assert all(oldest <= 1 and m["async/staleness_max"] <= 1 for m, oldest in res)
+    assert sum(m["async/partial_resumed"] for m, _ in res) > 0
