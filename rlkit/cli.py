@@ -175,7 +175,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     """One ``rlkit train`` per seed (through ``_cmd_train``), skipping done seeds, then the grouped table."""
-    from rlkit.config import load_config
+    from rlkit.config import config_dict, load_config
     from rlkit.tools.compare import compare_groups, format_markdown
     from rlkit.tools.sweep import config_conflicts, parse_seeds, plan_sweep, seed_overrides, write_report
 
@@ -190,7 +190,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     cfgs = [load_config(args.recipe, per_seed[s]) for s in seeds]
     run_dirs = [c.run_dir for c in cfgs]
     plan = plan_sweep(seeds, run_dirs)
-    conflicts = config_conflicts(plan, run_dirs, [c.model_dump(mode="json") for c in cfgs])
+    conflicts = config_conflicts(plan, run_dirs, [config_dict(c) for c in cfgs])
     if conflicts:
         print(f"rlkit: {conflicts[0]}", file=sys.stderr)
         return 2
@@ -237,7 +237,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from rlkit.config import describe, load_config
+    from rlkit.config import config_dict, describe, load_config
 
     if args.reference:
         from rlkit.algorithms import ADVANTAGES, POLICY_LOSSES
@@ -251,7 +251,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
                 print(f"{f'{key}.{field} [{name}]':<45} {default:<28} {desc}")
         return 0
     cfg = load_config(args.recipe, args.overrides)
-    print(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
+    print(yaml.safe_dump(config_dict(cfg), sort_keys=False))
     from rlkit.methods import active_stages
 
     print(f"# method stages of this run: {', '.join(s.name for s in active_stages(cfg)) or 'none'}")

@@ -129,11 +129,16 @@ def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> Config:
     return build(compose(recipe, overrides))
 
 
+def config_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain JSON types, keyed as written in YAML (``train.async``)."""
+    return cfg.model_dump(mode="json", by_alias=True)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
+    tmp.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
     os.replace(tmp, p)
 
 

@@ -51,6 +51,13 @@ def test_rollout_correction_auto_turns_on_for_stale_tokens(tmp_path):
     assert load_config(tmp_path / "c.yaml").train.async_.max_staleness == 2
 
 
+def test_overlapped_modes_split_the_cpu_cores_by_default():
+    assert _cfg("cluster.num_cpus=4").learner.num_threads is None  # sync: every actor uses all cores
+    assert _cfg("train.async.mode=async", "cluster.num_cpus=4").learner.num_threads == 2
+    assert _cfg("train.async.mode=one_step_off", "cluster.num_cpus=2").learner.num_threads == 1
+    assert _cfg("train.async.mode=async", "learner.num_threads=3").learner.num_threads == 3  # explicit wins
+
+
 def test_one_step_off_is_async_at_staleness_one_with_whole_requests():
     from rlkit.methods.async_rollout import async_settings
 

@@ -91,13 +91,13 @@ def test_config_conflicts(tmp_path):
 def test_saved_config_round_trips_to_no_conflict(tmp_path):
     """The trainer's config.yaml of a seed equals that seed's resolved config, so a finished seed of
     an unchanged sweep is never reported as a conflict."""
-    from rlkit.config import load_config, save_config
+    from rlkit.config import config_dict, load_config, save_config
 
     ov = [f"output_dir={tmp_path}", "train.steps=3", "seed=1", "name=quickstart_s1"]
     cfg = load_config(ROOT / "recipes/quickstart.yaml", ov)
     save_config(cfg, cfg.run_dir / "config.yaml")
-    assert config_conflicts([(1, "done")], [cfg.run_dir], [cfg.model_dump(mode="json")]) == []
-    other = load_config(ROOT / "recipes/quickstart.yaml", [*ov, "train.steps=4"]).model_dump(mode="json")
+    assert config_conflicts([(1, "done")], [cfg.run_dir], [config_dict(cfg)]) == []
+    other = config_dict(load_config(ROOT / "recipes/quickstart.yaml", [*ov, "train.steps=4"]))
     assert "train.steps differs" in config_conflicts([(1, "done")], [cfg.run_dir], [other])[0]
 
 

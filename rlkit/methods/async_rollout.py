@@ -112,14 +112,12 @@ class AsyncRollout:
             self.thread = None
 
     def after_sync(self, version: int) -> None:
-        """The engines hold ``version`` now (the first call, after setup or resume, starts the producer)."""
+        """The engines hold ``version`` now (the producer starts at the first ``collect``, so nothing
+        is generated during an evaluation before training)."""
         with self.cond:
             self.version = version
             self.phase = "idle"
             self.cond.notify_all()
-            if self.thread is None and not self.stop:
-                self.thread = threading.Thread(target=self._produce, name="rlkit-async-producer", daemon=True)
-                self.thread.start()
 
     # ------------------------------------------------------------------ producer
     def _position(self) -> tuple[int, int]:

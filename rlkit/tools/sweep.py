@@ -85,7 +85,7 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
 def config_conflicts(plan: list[tuple[int, str]], run_dirs: list[str | Path],
                      configs: list[dict[str, Any]]) -> list[str]:
     """One message per done / resumable run dir whose saved ``config.yaml`` differs from the config this
-    sweep would train it with (``configs``: resolved configs as ``model_dump(mode="json")``)."""
+    sweep would train it with (``configs``: resolved configs as ``rlkit.config.config_dict``)."""
     out = []
     for (seed, state), d, cfg in zip(plan, map(Path, run_dirs), configs):
         if state == START:
