@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,6 +104,8 @@ class EnginePool:
         self._learner: Any = None  # the learner of the last collective/IPC sync (restarts load from it)
         self.last_sync: dict[str, float] = {}  # what the last collective/IPC sync reported (bytes, seconds)
         self._guidance_seen: list[dict[str, int]] = [{} for _ in self.specs]  # last counters read per engine
+        # calls may come from two threads (train.async's producer and the trainer): one restart at a time
+        self._restart_lock = threading.Lock()
 
     @classmethod
     def from_actors(cls, actors: list[Any]) -> EnginePool:
@@ -113,6 +116,7 @@ class EnginePool:
         pool.actors, pool.restarts, pool.events = list(actors), [0] * len(actors), []
         pool._state, pool.version, pool.weight_sync, pool._learner, pool.last_sync = None, None, None, None, {}
         pool._guidance_seen = [{} for _ in actors]
+        pool._restart_lock = threading.Lock()
         return pool
 
     # ------------------------------------------------------------------ lifecycle
@@ -150,6 +154,10 @@ class EnginePool:
 
     def _restart(self, k: int, dead: Any, err: BaseException) -> None:
         """Recreate engine ``k`` (unless already done since ``dead`` failed) and load the synced weights."""
+        with self._restart_lock:  # a death seen by two threads' calls recreates the engine once
+            self._restart_locked(k, dead, err)
+
+    def _restart_locked(self, k: int, dead: Any, err: BaseException) -> None:
         import ray
 
         if self.actors[k] is not dead:
