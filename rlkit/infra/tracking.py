@@ -113,6 +113,17 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return _iter_records(path)
 
 
+def append_record(path: str | Path, rec: dict[str, Any]) -> None:
+    """Append one JSON line to ``path`` (directories made), flushed and fsynced: a step's record of
+    what it consumed survives a kill -9 right after (read back with :func:`read_metrics`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def truncate_metrics(path: str | Path, from_step: int) -> int:
     """Atomically drop every line of the JSONL file ``path`` whose ``step >= from_step``.
 

@@ -278,13 +278,8 @@ def collect(step: int, cfg: Config, engines, cursor, rows, encode, manager, trac
                   problem_id=r.get("id", i), budget=b)
             for k, (r, q, i, b) in enumerate(zip(batch_rows, reqs, idx, budgets))
         ]
-        t0 = time.perf_counter()
-        reward_metrics = _merge_counts(reward_metrics, score_groups(groups, manager))
-        if cfg.algorithm.overlong_shaping.enabled:
-            overlong_shaping(groups, cfg)
-        if shaping:
-            m.update(apply_length_shaping(groups, cfg, shaping, step, acc_key))
-        m["time/reward_s"] += time.perf_counter() - t0
+        reward_metrics = score_round(groups, cfg, manager, m, reward_metrics, shaping=shaping, step=step,
+                                     acc_key=acc_key)
         all_groups += groups
         if not ds.enabled:
             kept = groups
@@ -302,6 +297,26 @@ def collect(step: int, cfg: Config, engines, cursor, rows, encode, manager, trac
     m["rollout/gen_rounds"] = float(rounds)
     m["rollout/kept_groups"] = float(len(kept))
     return kept, all_groups, m
+
+
+def shape_rewards(groups: list[Group], cfg: Config, shaping, step: int, acc_key: str | None) -> dict[str, float]:
+    """Add DAPO's overlong punishment (``algorithm.overlong_shaping``) and the length shapers to
+    every reward of scored groups; returns the length metrics."""
+    if cfg.algorithm.overlong_shaping.enabled:
+        overlong_shaping(groups, cfg)
+    return apply_length_shaping(groups, cfg, shaping, step, acc_key) if shaping else {}
+
+
+def score_round(groups: list[Group], cfg: Config, manager, m: dict[str, float], reward_metrics: dict[str, float], *,
+                shaping=None, step: int, acc_key: str | None) -> dict[str, float]:
+    """Score and shape one round of groups (collectors that take groups round by round): length
+    metrics go into ``m`` and the seconds into ``m["time/reward_s"]``; returns ``reward_metrics``
+    merged with this round's (:func:`_merge_counts`)."""
+    t0 = time.perf_counter()
+    reward_metrics = _merge_counts(reward_metrics, score_groups(groups, manager))
+    m.update(shape_rewards(groups, cfg, shaping, step, acc_key))
+    m["time/reward_s"] += time.perf_counter() - t0
+    return reward_metrics
 
 
 def _merge_counts(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:

@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import json
-import os
 import threading
 import time
 from dataclasses import replace
@@ -46,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from rlkit.common import hash_seed
+from rlkit.infra.tracking import append_record, read_metrics, truncate_metrics
 from rlkit.loop import experience as X
 from rlkit.methods.base import Stage, active_stages, register_stage
 from rollout.engine import RolloutRequest
@@ -66,10 +65,11 @@ class AsyncRollout:
     """The producer thread, the versioned sample store and the consumer's ``collect``."""
 
     def __init__(self, cfg: Any, pool: Any, cursor: Any, rows: list[dict[str, Any]], encode: Any,
-                 decode: Any, manager: Any, acc_key: str | None, run_dir: Any = None) -> None:
+                 decode: Any, manager: Any, acc_key: str | None, run_dir: Any = None, log: Any = print) -> None:
         self.cfg, self.pool, self.cursor, self.rows = cfg, pool, cursor, rows
         self.encode, self.decode, self.manager, self.acc_key = encode, decode, manager, acc_key
-        self.mode, self.k, self.partial = async_settings(cfg)
+        _, self.k, self.partial = async_settings(cfg)
+        self.log = log
         self.P, self.G = cfg.train.prompts_per_step, cfg.train.samples_per_prompt
         self.max_len = cfg.engine.max_new_tokens
         self.chunk = cfg.train.async_.resolved_chunk(self.max_len) if self.partial else self.max_len
@@ -94,13 +94,11 @@ class AsyncRollout:
         self.error: BaseException | None = None
         self.stop = False
         self.thread: threading.Thread | None = None
-        self.counters = collections.Counter()  # per step: gen_s, idle_s, tokens, dropped_stale, partial_resumed
+        self.counters = collections.Counter()  # since the last collect: gen_s, idle_s, tokens
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, start_step: int) -> None:
         if self.log_path is not None:
-            from rlkit.infra.tracking import truncate_metrics
-
             truncate_metrics(self.log_path, start_step + 1)
 
     def close(self) -> None:
@@ -215,9 +213,7 @@ class AsyncRollout:
         if len(comps) != len(rows):
             raise RuntimeError(f"engines returned {len(comps)} completions for {len(rows)} samples")
         touched = {}
-        for s, c in zip(rows, comps):
-            if s.group_uid not in self.groups:  # dropped meanwhile (cannot happen: running groups stay)
-                continue
+        for s, c in zip(rows, comps):  # groups on an engine are not complete, so none was taken meanwhile
             s.append(c, 0, self.max_len)
             self.counters["tokens"] += len(c.token_ids)
             touched[s.group_uid] = True
@@ -309,13 +305,8 @@ class AsyncRollout:
             if not got:
                 continue
             taken += got
-            t0 = time.perf_counter()
-            reward_metrics = X._merge_counts(reward_metrics, X.score_groups(groups, self.manager))
-            if cfg.algorithm.overlong_shaping.enabled:
-                X.overlong_shaping(groups, cfg)
-            if shaping:
-                m.update(X.apply_length_shaping(groups, cfg, shaping, step, self.acc_key))
-            m["time/reward_s"] += time.perf_counter() - t0
+            reward_metrics = X.score_round(groups, cfg, self.manager, m, reward_metrics, shaping=shaping, step=step,
+                                           acc_key=self.acc_key)
             all_groups += groups
             kept += X.keep_informative(groups, self.acc_key, ds.on) if ds.enabled else groups
         kept = kept[: self.P]
@@ -339,8 +330,6 @@ class AsyncRollout:
         self._log_step(step, taken, kept, dropped)
         return kept, all_groups, m
 
-    log = staticmethod(print)
-
     def _log_step(self, step: int, taken: list[SegmentGroup], kept: list[X.Group], dropped: list[int]) -> None:
         """Append the rows this step used (trained or filtered) and sent back to ``async.jsonl``."""
         if self.log_path is None:
@@ -351,11 +340,7 @@ class AsyncRollout:
                "trained": [int(g.payload) for g in taken if id(self.rows[g.payload]) in kept_ids],
                "regenerate": dropped,
                "versions": [[min(s.seg_versions), max(s.seg_versions)] for g in taken for s in g.samples]}
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_record(self.log_path, rec)
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -432,14 +417,12 @@ class AsyncStage(Stage):
         super().__init__(ctx)
         self.rollout = AsyncRollout(ctx.cfg, ctx.engines, ctx.cursor, ctx.rows, ctx.encode,
                                     lambda ids: ctx.tokenizer.decode(ids, skip_special_tokens=True),
-                                    ctx.manager, ctx.acc_key, ctx.run_dir)
+                                    ctx.manager, ctx.acc_key, ctx.run_dir, log=lambda msg: ctx.log(msg))
 
     def start(self, start_step: int) -> None:
-        self.rollout.log = self.ctx.log
         self.rollout.start(start_step)
 
     def collect(self, step: int, shaping: Any):
-        self.rollout.log = self.ctx.log
         return self.rollout.collect(step, shaping)
 
     def after_sync(self, version: int) -> None:
@@ -457,10 +440,7 @@ class AsyncStage(Stage):
 
 def read_async_log(run_dir: str | Path) -> list[dict[str, Any]]:
     """Records of ``RUN_DIR/async.jsonl`` (one per step)."""
-    p = Path(run_dir) / LOG_FILE
-    if not p.exists():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return read_metrics(Path(run_dir) / LOG_FILE)
 
 
 __all__ = ["LOG_FILE", "AsyncRollout", "AsyncStage", "async_settings", "read_async_log"]

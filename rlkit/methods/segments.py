@@ -26,12 +26,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rlkit.infra.tracking import append_record, read_metrics
 from rlkit.loop import experience as X
 from rlkit.methods.base import Stage, register_stage
 from rlkit.schema import Config
@@ -122,10 +122,7 @@ class SegmentRollout:
         m.update(X.score_groups(groups, manager))
         for g, samples in zip(groups, self._samples_by_group(batch)):
             g.rewards = apply_truncated_reward(g.rewards, samples, cfg.segments.truncated_reward)
-        if cfg.algorithm.overlong_shaping.enabled:
-            X.overlong_shaping(groups, cfg)
-        if shaping:
-            m.update(X.apply_length_shaping(groups, cfg, shaping, step, acc_key))
+        m.update(X.shape_rewards(groups, cfg, shaping, step, acc_key))
         m["time/reward_s"] = time.perf_counter() - t0
         if cfg.segments.group_mode == "siblings":
             self.sched.record_rewards(batch.samples, [r for g in groups for r in g.rewards])
@@ -175,11 +172,7 @@ class SegmentRollout:
              "status": s.status, "trained": s.uid in trained}
             for s in batch.samples
         ]}
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_record(self.log_path, rec)
 
 
 def response_text(text: str, stop: Any) -> str:
@@ -192,10 +185,7 @@ def response_text(text: str, stop: Any) -> str:
 
 def read_segment_log(run_dir: str | Path) -> list[dict[str, Any]]:
     """Records of ``RUN_DIR/segments.jsonl`` (one per step)."""
-    p = Path(run_dir) / LOG_FILE
-    if not p.exists():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return read_metrics(Path(run_dir) / LOG_FILE)
 
 
 @register_stage("segments", order=10)
