@@ -39,6 +39,7 @@ This module must not import ``rlkit``.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -68,6 +69,9 @@ logger = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "rollout.vllm_worker.RlkitWorkerExtension"
 ADAPTIVE_TEMPERATURE_PROCESSOR = "rollout.vllm_logits:AdaptiveTemperatureProcessor"
+
+
+_IN_PROCESS: set[int] = set()  # ids of the open in-process engines of this process
 
 
 @register_engine("vllm")
@@ -110,6 +114,7 @@ class VLLMEngine:
         llm_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         require_vllm()
+        self._in_process = bool(in_process)
         if in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
@@ -147,6 +152,8 @@ class VLLMEngine:
         kwargs.update(llm_kwargs or {})
         t0 = time.perf_counter()
         self.llm = LLM(self.model_path, **kwargs)
+        if self._in_process:
+            _IN_PROCESS.add(id(self))
         logger.info("vLLM engine for %s ready in %.1fs", self.model_path, time.perf_counter() - t0)
         self.tokenizer = self.llm.get_tokenizer()
 
@@ -305,7 +312,27 @@ class VLLMEngine:
             self._lora_dir = None
         llm = getattr(self, "llm", None)
         if llm is not None:
+            _IN_PROCESS.discard(id(self))
             core = getattr(llm.llm_engine, "engine_core", None)  # the engine-core client (in-process or not)
-            if core is not None:
+            if core is not None and self._in_process and _IN_PROCESS:
+                _shutdown_keeping_process_state(core)
+            elif core is not None:
                 core.shutdown()
             self.llm = None
+            gc.collect()
+
+
+def _shutdown_keeping_process_state(client: Any) -> None:
+    """Shut one in-process engine core down while other engines of this process stay open.
+
+    vLLM's in-process shutdown (also run by the client's finalizer when it is collected) ends with
+    a teardown of the process-wide parallel groups, which the open engines still use: release this
+    engine's executor and scheduler only."""
+    finalizer = getattr(client, "_finalizer", None)
+    if finalizer is not None:
+        finalizer.detach()
+    core = getattr(client, "engine_core", None)
+    for part in ("model_executor", "scheduler"):
+        obj = getattr(core, part, None)
+        if obj is not None:
+            obj.shutdown()

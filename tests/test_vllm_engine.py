@@ -229,6 +229,18 @@ def test_lora_adapters_load_as_new_versions(model_dir):
         eng.close()
 
 
+def test_closing_one_in_process_engine_keeps_the_others_working(engines, model_dir):
+    """vLLM's in-process shutdown clears process-wide parallel state: a second engine's close must
+    not break the engines still open in the process."""
+    eng, hf = engines
+    other = _engine(model_dir)
+    other.close()
+    prompt, cont = hf.tokenizer("8 + 1 =")["input_ids"], [50, 51, 52, 53]
+    assert _maxdiff(eng.score([prompt], [cont])[0], hf.score([prompt], [cont])[0]) < TOL
+    out = eng.generate([RolloutRequest(prompt, SamplingParams(max_new_tokens=4, temperature=1.0, n=2, seed=1))])
+    assert len(out) == 2 and all(0 < len(c.token_ids) <= 4 for c in out)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="sleep mode needs CUDA")
 def test_sleep_releases_gpu_memory(engines):
     eng, _ = engines
