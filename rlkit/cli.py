@@ -27,13 +27,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.recipe, args.overrides)
     from rlkit.infra.data import DataError
+    from rlkit.orchestration.engine_pool import EngineFailure
+    from rlkit.orchestration.placement import PlacementError
     from rlkit.orchestration.sync_check import SyncVerificationError
+    from rlkit.orchestration.weight_sync import SyncTimeout
+    from rollout.weight_transfer import DistributedInitError
 
     resume = True if args.resume else (False if args.no_resume else None)
     try:
         summary = Trainer(cfg, resume=resume).run()
     except (SyncVerificationError, DataError) as e:  # a run-time verdict or bad data: one line, no traceback
         print(f"rlkit: {e}", file=sys.stderr)
+        return 1
+    except PlacementError as e:
+        print(f"rlkit: {e}", file=sys.stderr)
+        return 1
+    except (EngineFailure, SyncTimeout, DistributedInitError) as e:  # the cluster failed under the run
+        from rlkit.infra.checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(cfg.run_dir)
+        cause = getattr(e, "cause", None) or e  # an actor's error arrives wrapped by Ray
+        print(f"rlkit: {str(cause).strip().splitlines()[0]}\nrlkit: the run stopped; rerun the same command to "
+              f"resume from {ckpt if ckpt else 'the start (no checkpoint yet)'}", file=sys.stderr)
         return 1
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=None))
     return 0

@@ -337,6 +337,12 @@ class ClusterConfig(_Section):
         "split: each role gets its own GPUs (on CPU: one CPU per actor).")
     learner_gpus: int = Field(0, ge=0, description="GPUs for the learner, one per learner.num_ranks (deepspeed); 0 = CPU.")
     engine_gpus: int = Field(0, ge=0, description="GPUs for the engines: num_engines x tensor_parallel_size; 0 = CPU.")
+    learner_resources: dict[str, float] = Field(
+        default_factory=dict, description="cluster.placement=split: custom Ray resources each learner rank's bundle "
+        "also reserves, to pin the learner to the nodes started with them (`ray start --resources='{\"learner\": 1}'`).")
+    engine_resources: dict[str, float] = Field(
+        default_factory=dict, description="cluster.placement=split: custom Ray resources each engine bundle (one per "
+        "engine GPU, or per CPU engine) also reserves, to pin the engines to the nodes started with them.")
     placement_timeout_s: float = Field(600.0, gt=0.0, description="Wait this long for the placement groups' resources.")
     max_actor_restarts: int = Field(
         3, ge=0, description="Times each rollout engine actor may die and be recreated (re-synced to the current "

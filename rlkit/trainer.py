@@ -36,7 +36,7 @@ class Trainer:
         from rlkit.infra.models import load_tokenizer, resolve_model_path
         from rlkit.loop.prompts import PromptEncoder
         from rlkit.methods import StageContext, active_stages
-        from rlkit.orchestration.ray_actors import engine_kwargs, init_ray, spawn_actors
+        from rlkit.orchestration.ray_actors import describe_placement, engine_kwargs, init_ray, spawn_actors
 
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -62,6 +62,7 @@ class Trainer:
         init_ray(cfg)
         extra = {k: v for s in stage_classes for k, v in s.engine_kwargs(cfg).items()}
         self.learner, self.engines = spawn_actors(cfg, self.model_path, engine_kwargs(cfg, extra))
+        self.placement = describe_placement(self.learner, self.engines)
         ctx = StageContext(cfg, self.engines, self.tokenizer, self.manager, self.cursor, self.train_rows,
                            self.encode, self.run_dir, self.acc_key)
         self.stages = [s(ctx) for s in stage_classes]
@@ -134,6 +135,7 @@ class Trainer:
                 s.ctx.log = tracker.print
             tracker.print(f"rlkit: run dir {self.run_dir} | setup {time.perf_counter() - t_setup:.1f}s"
                           + (f" | resumed after step {start}" if start else ""))
+            tracker.print(f"rlkit: placement: {self.placement}")
             if cfg.eval.before and not start:
                 summary["eval_before"] = self._evaluate(tracker, "before")
             for step in range(start + 1, cfg.train.steps + 1):

@@ -40,6 +40,46 @@ class DistributedInitError(RuntimeError):
     """torch.distributed rendezvous failed; the message names the ranks and the address."""
 
 
+def local_address(host: str) -> str:
+    """This host's address on the route to ``host`` (no packet is sent).
+
+    Gloo's default device binds to the address the machine's hostname resolves to, which on many
+    hosts is a loopback one (``127.0.1.1``, or ``127.0.0.1`` in containers): peers on other hosts
+    would then be told to connect to their own loopback and the group hangs. Binding to this address
+    instead works wherever the rendezvous address is reachable.
+    """
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return "127.0.0.1"
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, 9))  # UDP: sets the route's source address, sends nothing
+            return str(s.getsockname()[0])
+        except OSError as e:
+            raise DistributedInitError(f"no route from this host to the rendezvous address {host}: {e}") from e
+
+
+def interface_of(address: str) -> str | None:
+    """The network interface that holds ``address`` (None when none does)."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == address for a in addrs):
+            return name
+    return None
+
+
+def gloo_options(host: str, timeout: timedelta) -> Any:
+    """``ProcessGroupGloo`` options whose device is bound to :func:`local_address` toward ``host``."""
+    import torch.distributed as dist
+
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = timeout
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local_address(host))]
+    return opts
+
+
 def rendezvous_store(host: str, port: int, rank: int, world_size: int, timeout_s: float, *,
                      what: str, timeout_key: str) -> Any:
     """A ``TCPStore`` served by rank 0 on ``host:port`` once all ``world_size`` ranks have joined.
@@ -160,7 +200,7 @@ class SyncGroup:
         timeout = timedelta(seconds=timeout_s)
         try:
             if backend == "gloo":
-                pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+                pg = dist.ProcessGroupGloo(prefixed, rank, world_size, gloo_options(host, timeout))
             else:
                 opts = dist.ProcessGroupNCCL.Options()
                 opts._timeout = timeout

@@ -9,6 +9,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """Register markers here too, so they exist without the pyproject settings."""
     config.addinivalue_line("markers", "slow: end-to-end tests on the real SmolLM2 model or Ray")
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped on CPU)")
+    config.addinivalue_line("markers", "multihost: Ray nodes in network namespaces (needs root)")
 
 
 @pytest.fixture(scope="session")

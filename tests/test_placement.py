@@ -241,3 +241,23 @@ def test_train_on_an_existing_ray_cluster(tiny_model_dir, tmp_path):
         import shutil
 
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_role_resources_pin_the_split_bundles_and_must_exist_on_the_cluster():
+    """cluster.learner_resources / engine_resources: added to each bundle of the role (split only);
+    a cluster without them is refused naming the keys and how to start such nodes."""
+    from rlkit.orchestration.placement import PlacementError
+
+    cfg = load_config(None, ["cluster.placement=split", "engine.num_engines=2", "cluster.learner_resources={learner: 1}",
+                             "cluster.engine_resources={rollout: 0.5}"])
+    plan = plan_placement(cfg)
+    assert plan.bundles == {"engines": [{"CPU": 1.0, "rollout": 0.5}] * 2, "learner": [{"CPU": 1.0, "learner": 1.0}]}
+    check_fits(plan, {"CPU": 3.0, "rollout": 1.0, "learner": 1.0}, cfg)
+    with pytest.raises(PlacementError, match=r"cluster\.engine_resources reserve 1 of the custom resource 'rollout', "
+                       r"but the Ray cluster has 0.5; .*ray start --resources='\{\"rollout\": N\}'"):
+        check_fits(plan, {"CPU": 3.0, "rollout": 0.5, "learner": 1.0}, cfg)
+    with pytest.raises(ConfigError, match=r"cluster\.learner_resources pins a role to nodes: it needs "
+                       r"cluster\.placement=split"):
+        load_config(None, ["cluster.learner_resources={learner: 1}"])
+    with pytest.raises(ConfigError, match=r"cluster\.engine_resources: 'GPU' must be a custom resource"):
+        load_config(None, ["cluster.placement=split", "cluster.engine_resources={GPU: 1}"])

@@ -141,3 +141,11 @@ def test_closed_tracker_raises(tmp_path: Path) -> None:
     tr.close()
     with pytest.raises(RuntimeError):
         tr.log(0, {"a": 1.0})
+
+
+def test_print_takes_brackets_literally(tmp_path: Path, capsys) -> None:
+    """Error text with brackets (gloo's "[.../pair.cc:537]") is printed as is, not parsed as markup."""
+    msg = "rlkit: failed: [/__w/pytorch/third_party/gloo/tcp/pair.cc:537] Connection closed [bold]x[/bold]"
+    with Tracker(tmp_path, total_steps=1, tensorboard=False, console=True) as tr:
+        tr.print(msg)
+    assert msg + "\n" in capsys.readouterr().out  # one line, not wrapped

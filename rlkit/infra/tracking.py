@@ -364,7 +364,10 @@ class Tracker:
     def print(self, msg: Any) -> None:
         """Print ``msg`` above the progress bar (so the bar is not garbled)."""
         console = self._progress.console if self._progress is not None else self._console
-        console.print(msg)
+        if isinstance(msg, str):  # plain text: brackets in error messages ("[.../pair.cc:537]") are not markup
+            console.print(msg, markup=False, highlight=False, soft_wrap=True)  # a log line stays one line
+        else:
+            console.print(msg)
 
     # ---------------------------------------------------------------- lifecycle
     def _check_open(self) -> None:

@@ -53,7 +53,7 @@ from rlkit.learner.torch_learner import (
 from rlkit.loop.batch import TrainBatch, pad_to
 from rlkit.schema import Config, DeepSpeedConfig, LearnerConfig, ModelConfig
 from rollout.engine import bucket_indices  # noqa: F401  (re-exported: weight-sync buckets)
-from rollout.weight_transfer import DistributedInitError, rendezvous_store
+from rollout.weight_transfer import DistributedInitError, interface_of, local_address, rendezvous_store
 
 CKPT_FORMAT = "rlkit-deepspeed-zero"
 
@@ -85,6 +85,12 @@ def init_process_group(
         return
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK="0")  # one device per rank actor
+    if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
+        # bind gloo to the interface on the route to rank 0, not to what the hostname resolves to
+        # (see rollout.weight_transfer.local_address)
+        iface = interface_of(local_address(master_addr))
+        if iface:
+            os.environ["GLOO_SOCKET_IFNAME"] = iface
     timeout = timedelta(seconds=timeout_s)
     store = rendezvous_store(master_addr, master_port, rank, world_size, timeout_s, what=backend,
                              timeout_key="learner.deepspeed.timeout_s")

@@ -87,7 +87,7 @@ class EnginePool:
 
     def __init__(self, specs: list[EngineSpec], *, max_restarts: int = 3,
                  log: Callable[[str], Any] | None = None, owned: list[Any] | None = None,
-                 weight_sync: Any = None):
+                 weight_sync: Any = None, restart_timeout_s: float | None = None):
         if not specs:
             raise ValueError("an EnginePool needs at least one engine")
         self.specs = list(specs)
@@ -101,6 +101,8 @@ class EnginePool:
         self.version: int | None = None
         # cluster.weight_sync: a CollectiveSync / CudaIpcSync, None = the object store
         self.weight_sync = weight_sync
+        self.restart_timeout_s = restart_timeout_s  # a recreated engine must be placed within this
+        self.nodes: list[str] = ["?"] * len(self.specs)  # node address of each engine (note_nodes)
         self._learner: Any = None  # the learner of the last collective/IPC sync (restarts load from it)
         self.last_sync: dict[str, float] = {}  # what the last collective/IPC sync reported (bytes, seconds)
         self._guidance_seen: list[dict[str, int]] = [{} for _ in self.specs]  # last counters read per engine
@@ -117,7 +119,15 @@ class EnginePool:
         pool._state, pool.version, pool.weight_sync, pool._learner, pool.last_sync = None, None, None, None, {}
         pool._guidance_seen = [{} for _ in actors]
         pool._restart_lock = threading.Lock()
+        pool.restart_timeout_s, pool.nodes = None, ["?"] * len(actors)
         return pool
+
+    def note_nodes(self) -> list[str]:
+        """Record (and return) the node address each engine runs on."""
+        import ray
+
+        self.nodes = [i.get("ip", "?") for i in ray.get([a.info.remote() for a in self.actors])]
+        return self.nodes
 
     # ------------------------------------------------------------------ lifecycle
     @staticmethod
@@ -173,9 +183,8 @@ class EnginePool:
         except Exception:
             pass
         t0 = time.perf_counter()
-        new = self._start(self.specs[k])
         try:
-            ray.get(new.ready.remote())
+            new = self._place_again(k, reason, err)
             t1 = time.perf_counter()
             state = self._state
             if state is None and self._learner is not None:  # collective/IPC sync: nothing kept, ask the learner
@@ -187,12 +196,40 @@ class EnginePool:
         t2 = time.perf_counter()
         self.actors[k] = new
         self.restarts[k] += 1
+        try:
+            self.nodes[k] = ray.get(new.info.remote()).get("ip", "?")
+        except ray.exceptions.RayError:
+            self.nodes[k] = "?"
         self._guidance_seen[k] = {}  # the new engine's guidance counters start at 0
         ev = RestartEvent(k, reason, detected_at, t1 - t0, t2 - t1, self.version)
         self.events.append(ev)
-        self.log(f"rollout engine {k} died ({reason}); recreated in {ev.restart_s:.1f}s, loaded policy version "
+        self.log(f"rollout engine {k} died ({reason}); recreated on node {self.nodes[k]} in {ev.restart_s:.1f}s, loaded policy version "
                  f"{self.version} in {ev.sync_s:.2f}s; retrying its requests "
                  f"(restart {self.restarts[k]}/{self.max_restarts} of engine {k})")
+
+    def _place_again(self, k: int, reason: str, err: BaseException) -> Any:
+        """A new actor for engine ``k``, loaded and ready. An actor placed on a node that is dying
+        (its bundle not yet moved: Ray has not declared the node dead) dies too; it is made again
+        until one is ready, for at most ``restart_timeout_s`` (cluster.placement_timeout_s)."""
+        import ray
+
+        deadline = None if self.restart_timeout_s is None else time.time() + self.restart_timeout_s
+        while True:
+            new = self._start(self.specs[k])
+            left = None if deadline is None else max(deadline - time.time(), 0.1)
+            try:
+                ray.get(new.ready.remote(), timeout=left)
+                return new
+            except ray.exceptions.GetTimeoutError:
+                ray.kill(new, no_restart=True)
+                raise EngineFailure(
+                    f"rollout engine {k} died on node {self.nodes[k]} ({reason}) and could not be placed again "
+                    f"within cluster.placement_timeout_s={self.restart_timeout_s:g}s: no live node has room for its "
+                    "placement bundle (bring the node back or add capacity)") from err
+            except ray.exceptions.RayActorError as e:
+                if getattr(e, "actor_init_failed", False) or deadline is None or time.time() >= deadline:
+                    raise  # its own constructor failed: no use placing it again
+                time.sleep(1.0)  # its node is still going down: wait for Ray to move the bundle
 
     # ------------------------------------------------------------------ calls
     def run(self, calls: list[Call]) -> list[Any]:

@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 ROLES = ("engines", "learner")
 
 
+class PlacementError(RuntimeError):
+    """The Ray cluster cannot hold the configured placement (the message names the keys)."""
+
+
 @dataclass(frozen=True)
 class Slot:
     """Where one actor runs: bundle ``bundle`` of placement group ``group``, reserving this much.
@@ -82,6 +86,15 @@ def check_cluster_config(c: Config) -> None:
             raise ValueError(
                 f"engine.num_engines ({e.num_engines}) x engine.tensor_parallel_size ({tp}) must equal "
                 f"cluster.engine_gpus ({cl.engine_gpus}): set engine.num_engines={cl.engine_gpus // tp}")
+    pinned = [k for k in ("learner_resources", "engine_resources") if getattr(cl, k)]
+    if pinned and cl.placement != "split":
+        raise ValueError(f"cluster.{pinned[0]} pins a role to nodes: it needs cluster.placement=split "
+                         "(colocated roles share their bundles)")
+    for k in pinned:
+        bad = [r for r, v in getattr(cl, k).items() if r in ("CPU", "GPU", "memory", "object_store_memory") or v <= 0]
+        if bad:
+            raise ValueError(f"cluster.{k}: {bad[0]!r} must be a custom resource name with a positive amount "
+                             "(CPU/GPU come from cluster.learner_gpus / cluster.engine_gpus)")
     if cl.learner_gpus:
         if lr.name != "deepspeed":
             raise ValueError(f"cluster.learner_gpus={cl.learner_gpus}: the {lr.name} learner runs on CPU; "
@@ -131,10 +144,11 @@ def plan_placement(c: Config, roles: tuple[str, ...] = ROLES) -> PlacementPlan:
     engines, learner = [], []
     if want_e:
         engines = [_engine_slot("engines", i * tp, tp, 1.0, eg) for i in range(E)]
-        bundles["engines"] = [{"CPU": 1.0, **({"GPU": 1.0} if eg else {})} for _ in range(E * tp)]
+        bundles["engines"] = [{"CPU": 1.0, **({"GPU": 1.0} if eg else {}), **cl.engine_resources}
+                              for _ in range(E * tp)]
     if want_l:
         learner = [Slot("learner", r, 1.0, lg) for r in range(R)]
-        bundles["learner"] = _bundles_from(learner, R)
+        bundles["learner"] = [{**b, **cl.learner_resources} for b in _bundles_from(learner, R)]
     return PlacementPlan("split", bundles, engines, learner)
 
 
@@ -146,10 +160,17 @@ def check_fits(plan: PlacementPlan, resources: dict[str, float], c: Config) -> N
     if gpus > have_g:
         need = (f"cluster.learner_gpus + cluster.engine_gpus = {cl.learner_gpus} + {cl.engine_gpus}"
                 if plan.placement == "split" else f"cluster.learner_gpus = cluster.engine_gpus = {cl.learner_gpus}")
-        raise RuntimeError(f"cluster.placement={plan.placement} needs {need} = {gpus:g} GPUs, but the Ray cluster has "
+        raise PlacementError(f"cluster.placement={plan.placement} needs {need} = {gpus:g} GPUs, but the Ray cluster has "
                            f"{have_g:g}; lower the GPU counts or join a bigger cluster (cluster.address)")
+    for res in sorted({r for bs in plan.bundles.values() for b in bs for r in b} - {"CPU", "GPU"}):
+        if plan.total(res) > resources.get(res, 0.0):
+            keys = " / ".join(f"cluster.{k}" for k in ("learner_resources", "engine_resources")
+                              if res in getattr(cl, k))
+            raise PlacementError(f"{keys} reserve {plan.total(res):g} of the custom resource {res!r}, but the Ray "
+                               f"cluster has {resources.get(res, 0.0):g}; start the nodes meant for that role with "
+                               f"`ray start --resources='{{\"{res}\": N}}'`")
     if cpus > have_c:
-        raise RuntimeError(
+        raise PlacementError(
             f"cluster.placement={plan.placement} reserves {cpus:g} CPUs (one per engine GPU/engine and per learner "
             f"rank: engine.num_engines={c.engine.num_engines}, learner.num_ranks={c.learner.num_ranks}), but the Ray "
             f"cluster has {have_c:g}; raise cluster.num_cpus or use cluster.placement=colocated")
@@ -178,7 +199,7 @@ class Placement:
             ray.get([pg.ready() for pg in groups.values()], timeout=timeout)
         except ray.exceptions.GetTimeoutError:
             placement.remove()
-            raise RuntimeError(
+            raise PlacementError(
                 f"could not place the {plan.placement} bundles {plan.bundles} within cluster.placement_timeout_s="
                 f"{timeout:g}s (cluster resources: {resources}; available: {ray.available_resources()}); a single "
                 "node may lack the GPUs one placement group packs together") from None

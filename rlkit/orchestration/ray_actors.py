@@ -86,6 +86,10 @@ class DeepSpeedLearnerGroup:
                "export", "info", "compute_logprobs", "gradients", "node", "free_port",
                "sync_group_join", "sync_send", "sync_group_leave", "sync_plan")
 
+    # about rank 0 itself (its node; a port on its address for the weight-sync group): ranks on
+    # other nodes could not even bind that address
+    RANK0_ONLY = ("node", "free_port")
+
     def __init__(self, ranks: list, placement: Any = None):
         # placement: the Placement this group owns (removed by shutdown); None when shared with engines
         self.ranks, self.placement, self._pending = list(ranks), placement, []
@@ -101,7 +105,8 @@ class DeepSpeedLearnerGroup:
         self.check()
         args = tuple(a if isinstance(a, (str, int, float, bool, type(None), ray.ObjectRef)) else ray.put(a)
                      for a in args)
-        refs = [getattr(r, name).remote(*args, **kwargs) for r in self.ranks]
+        ranks = self.ranks[:1] if name in self.RANK0_ONLY else self.ranks
+        refs = [getattr(r, name).remote(*args, **kwargs) for r in ranks]
         self._pending = refs[1:]
         return refs[0]
 
@@ -212,13 +217,15 @@ def spawn_actors(cfg: Config, model_path: str, engine_kwargs: dict[str, Any]):
 
         pool = EnginePool(engine_specs(cfg, model_path, engine_kwargs, placement),
                           max_restarts=cfg.cluster.max_actor_restarts, owned=[placement],
-                          weight_sync=make_weight_sync(cfg.cluster))
+                          weight_sync=make_weight_sync(cfg.cluster),
+                          restart_timeout_s=cfg.cluster.placement_timeout_s)
         if cfg.learner.name == "deepspeed":  # engines load while the ranks rendezvous
             learner = spawn_deepspeed_learner(cfg, model_path, cfg.learner.num_threads, placement)
         else:
             learner = ray.remote(LearnerWorker).options(**placement.options(placement.plan.learner[0])).remote(
                 model_path, cfg, cfg.learner.num_threads)
         _get_fail_fast([learner.info.remote()] + pool.ready_refs())
+        pool.note_nodes()
     except BaseException:
         if pool is not None:
             pool.shutdown()  # kills the engines, removes the placement groups (and the learner in them)
@@ -226,6 +233,20 @@ def spawn_actors(cfg: Config, model_path: str, engine_kwargs: dict[str, Any]):
             placement.remove()
         raise
     return learner, pool
+
+
+def describe_placement(learner: Any, pool: Any) -> str:
+    """Where the roles run, e.g. ``learner rank 0 on 10.0.0.1 | engines 0-1 on 10.0.0.2``."""
+    import ray
+
+    ranks = getattr(learner, "ranks", None) or [learner]
+    ips = [ip for _, ip in ray.get([r.node.remote() for r in ranks])]
+    parts = [f"learner rank{'s' if len(ips) > 1 else ''} on {', '.join(ips)}"]
+    by_ip: dict[str, list[int]] = {}
+    for i, ip in enumerate(getattr(pool, "nodes", [])):
+        by_ip.setdefault(ip, []).append(i)
+    parts += [f"engine{'s' if len(ix) > 1 else ''} {','.join(map(str, ix))} on {ip}" for ip, ix in by_ip.items()]
+    return " | ".join(parts)
 
 
 def sync_weights(learner, engines, version: int) -> float:

@@ -31,7 +31,10 @@ it, so the survivors fail fast instead of waiting for ``cluster.sync_timeout_s``
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -106,6 +109,8 @@ class LearnerSyncEndpoint:
         t0 = time.perf_counter()
         if self.rank == 0 and self.group is None:
             raise RuntimeError("the weight-sync group is not formed (call sync_group_join first)")
+        if self.rank == 0:
+            _hold_point()
         state = self._whole_state()
         plan = self.plan(bucket_bytes, state)
         device = self.group.device if self.group is not None else torch.device("cpu")
@@ -216,12 +221,51 @@ class EngineSyncEndpoint:
 
 
 # ----------------------------------------------------------------------------- driver side
-def _results(refs: list, engine_of: dict[int, int]) -> list:
-    """Results of all ``refs`` (waiting for every one); an engine death raises :class:`SyncMemberDied`
-    (``engine_of``: position in ``refs`` -> engine index), else the first error is raised."""
+def _hold_point() -> None:
+    """Test hook (network-fault tests): with ``RLKIT_HOLD_SYNC=PATH`` set in the learner's
+    environment and the file PATH present when a broadcast starts, rank 0 removes PATH, creates
+    PATH.held and waits (at most 300 s) for PATH.go before it sends: a test can cut a link in the
+    middle of a sync, deterministically."""
+    hold = os.environ.get("RLKIT_HOLD_SYNC")
+    if not hold or not os.path.exists(hold):
+        return
+    os.remove(hold)
+    Path(hold + ".held").touch()
+    deadline = time.time() + 300
+    while not os.path.exists(hold + ".go") and time.time() < deadline:
+        time.sleep(0.05)
+
+
+FAILED_PEER_GRACE_S = 5.0  # after rank 0 failed, how long the other members' own errors may take to arrive
+
+
+class SyncTimeout(RuntimeError):
+    """Members of a collective sync did not answer in time (the message names ranks and addresses)."""
+
+
+def _results(refs: list, engine_of: dict[int, int], timeout_s: float | None = None,
+             describe: Callable[[list[int]], str] | None = None) -> list:
+    """Results of all ``refs`` (waiting for every one, at most ``timeout_s``); an engine death raises
+    :class:`SyncMemberDied` (``engine_of``: position in ``refs`` -> engine index), refs still pending
+    at the timeout :class:`SyncTimeout` (``describe(pending positions)`` words it), else the first
+    error is raised."""
     import ray
 
-    ray.wait(refs, num_returns=len(refs))
+    if timeout_s is None:
+        ray.wait(refs, num_returns=len(refs))
+        pending = []
+    else:  # once rank 0 (refs[0]) has failed, the others get a short grace, not the whole timeout
+        deadline, pending = time.monotonic() + timeout_s, list(refs)
+        while pending and time.monotonic() < deadline:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=deadline - time.monotonic())
+            if refs[0] in ready and pending:
+                try:
+                    ray.get(refs[0], timeout=0)
+                except ray.exceptions.RayError:
+                    deadline = min(deadline, time.monotonic() + FAILED_PEER_GRACE_S)
+    if pending:
+        late = [i for i, r in enumerate(refs) if r in pending]
+        raise SyncTimeout(describe(late) if describe else f"{len(late)} sync calls did not answer in {timeout_s:g}s")
     out, dead, first = [], [], None
     for i, r in enumerate(refs):
         try:
@@ -246,9 +290,11 @@ class CollectiveSync:
     broadcast (learner ``sync_send`` and every engine's ``sync_receive`` at once)."""
 
     mode = "collective"
+    GRACE_S = 30.0  # past cluster.sync_timeout_s, for the members' own timeout errors to arrive
 
     def __init__(self, backend: str, bucket_mb: float, timeout_s: float):
         self.backend, self.bucket_bytes, self.timeout_s = backend, _mib(bucket_mb), timeout_s
+        self._where: dict[str, Any] = {}
         self._members: tuple[str, ...] | None = None  # engine actor ids of the current group
         self._handles: list = []
         self.groups_formed = 0
@@ -265,11 +311,14 @@ class CollectiveSync:
         port = ray.get(learner.free_port.remote(addr))
         world = 1 + sum(sizes)
         firsts = [1 + sum(sizes[:k]) for k in range(len(actors))]
+        self._where = {"address": f"{addr}:{port}", "world": world, "learner": ip,
+                       "engines": [(f, f + n - 1, i.get("ip", "?")) for f, n, i in zip(firsts, sizes, infos)]}
         refs = [learner.sync_group_join.remote(addr, port, world, self.backend, self.timeout_s)]
         refs += [a.sync_group_join.remote(addr, port, f, world, self.backend, self.timeout_s)
                  for a, f in zip(actors, firsts)]
         self._handles = [learner, *actors]
-        _results(refs, {i + 1: i for i in range(len(actors))})
+        _results(refs, {i + 1: i for i in range(len(actors))}, self.timeout_s + self.GRACE_S,
+                 lambda late: self._late("forming", late))
         self._members = tuple(a._actor_id.hex() for a in actors)
         self.groups_formed += 1
 
@@ -280,12 +329,37 @@ class CollectiveSync:
         t1 = time.perf_counter()
         refs = [learner.sync_send.remote(self.bucket_bytes)] + [a.sync_receive.remote(version) for a in actors]
         try:
-            out = _results(refs, {i + 1: i for i in range(len(actors))})
+            out = _results(refs, {i + 1: i for i in range(len(actors))}, self.timeout_s + self.GRACE_S,
+                           lambda late: self._late(f"the broadcast of version {version}", late, refs[0]))
         except BaseException:
             self._members = None  # formed again (and left by every member) at the next sync
             raise
         return {**out[0], "recv_s": max(o["recv_s"] for o in out[1:]), "form_s": t1 - t0,
                 "sync_s": time.perf_counter() - t0}
+
+    def _late(self, what: str, late: list[int], learner_ref: Any = None) -> str:
+        """The error of a sync whose members ``late`` (0 = learner, k = engine k-1) did not answer."""
+        import ray
+
+        w = self._where
+        def member(i: int) -> str:
+            if i == 0:
+                return f"rank 0 (learner on {w['learner']})"
+            first, last, ip = w["engines"][i - 1]
+            ranks = f"rank {first}" if first == last else f"ranks {first}-{last}"
+            return f"{ranks} (engine {i - 1} on {ip})"
+
+        who = [member(i) for i in late]
+        cause = ""
+        if learner_ref is not None and 0 not in late:
+            try:
+                ray.get(learner_ref, timeout=0)
+            except Exception as e:  # noqa: BLE001  (the learner's own error: gloo timeout, closed peer)
+                cause = f"; rank 0 (learner on {w['learner']}) failed: {str(e).strip().splitlines()[-1][:300]}"
+        return (f"weight sync ({what}, {self.backend} group at tcp://{w['address']}, {w['world']} ranks): no answer "
+                f"from {', '.join(who)} (cluster.sync_timeout_s={self.timeout_s:g}s)"
+                f"{cause}. Check the network between those nodes (and that the ranks can reach that address), "
+                "then rerun the same command to resume from the last checkpoint")
 
     def close(self) -> None:
         """Every member leaves the group (best effort: dead members are skipped)."""

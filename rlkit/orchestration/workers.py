@@ -109,7 +109,7 @@ class RolloutWorker:
         import ray
 
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                "policy_version": getattr(self.engine, "policy_version", None)}
+                "ip": ray.util.get_node_ip_address(), "policy_version": getattr(self.engine, "policy_version", None)}
 
 
 class LearnerWorker:
