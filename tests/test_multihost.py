@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from netns import Hosts, RayCluster, unavailable
 
-pytestmark = [pytest.mark.slow, pytest.mark.multihost]
+# their own time budget: each test at most 6 minutes (a fault that hangs fails the test, never CI)
+pytestmark = [pytest.mark.slow, pytest.mark.multihost, pytest.mark.timeout(360)]
 
 WHY = unavailable()
 if WHY:
