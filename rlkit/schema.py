@@ -356,7 +356,8 @@ class ClusterConfig(_Section):
         256.0, gt=0.0, description="collective / cuda_ipc: largest bucket (whole layers) gathered and sent at a "
         "time, MiB.")
     sync_timeout_s: float = Field(
-        600.0, gt=0.0, description="collective: rendezvous and broadcast timeout of the weight-sync group.")
+        600.0, gt=0.0, description="collective: bound on forming the weight-sync group and on each whole "
+        "broadcast of the weights (a member that does not answer by then fails the run, naming ranks and addresses).")
     verify_sync_every: int = Field(
         0, ge=0, description="At the sync of every step that is a multiple of N, engines score a fixed probe and "
         "must match the learner's log-probs within verify_sync_tol, else the run stops; 0 = off. Logs "

@@ -54,6 +54,8 @@ def readme_commands() -> list[str]:
     return [ln.split("#", 1)[0].strip() for ln in block.splitlines() if ln.split("#", 1)[0].strip()]
 
 
+_NOT_INHERITED = ("RAY_", "RLKIT_", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                  "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 OWNERS = Path("/tmp/rlkit-netns")  # one file per live set of hosts: "<owner pid> <hosts>"
 
 
@@ -132,7 +134,9 @@ class Hosts:
     def env(self, **extra: str) -> dict[str, str]:
         """The environment of every process on the hosts: this Python first on PATH, the token's
         home, token auth (README), no usage stats, no inherited Ray address."""
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RLKIT_KILL_AT_STEP")}
+        # nothing that earlier in-process tests set for themselves: Ray's single-machine mode and auth
+        # settings (RAY_*), test hooks (RLKIT_*), a rendezvous (MASTER_*, RANK, ...), gloo's interface
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_INHERITED)}
         env.update(HOME=str(self.home), RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
                    PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}", PYTHONUNBUFFERED="1",
                    TOKENIZERS_PARALLELISM="false")

@@ -296,9 +296,9 @@ def test_engine_node_lost_without_capacity_stops_naming_node_and_checkpoint(clus
 
 def test_link_down_during_a_weight_sync(cluster, tiny_model_dir, tmp_path):
     """The engines' host is cut off (its link set down) while rank 0 is broadcasting: the run
-    ends within cluster.sync_timeout_s plus the grace with an error naming the ranks and the
-    address (or, if Ray declares the node dead first, recovers); with the link back the command
-    resumes and finishes."""
+    ends within cluster.sync_timeout_s + 5 s with an error naming the ranks and the address (or,
+    if Ray declares the node dead first, recovers); with the link back the command resumes and
+    finishes."""
     hold = cluster.hold
     args = [*_overrides(tiny_model_dir, tmp_path, "link", 5), *_on_cluster(cluster)]
     proc = cluster.hosts.popen(1, [sys.executable, "-m", "rlkit.cli", "train", "recipes/quickstart.yaml", *args],
@@ -311,7 +311,12 @@ def test_link_down_during_a_weight_sync(cluster, tiny_model_dir, tmp_path):
         cluster.hosts.link(victim, False)
         t0 = time.time()
         Path(str(hold) + ".go").touch()
-        rc = proc.wait(timeout=300)
+        err_s = None
+        while proc.poll() is None and time.time() - t0 < 300:
+            if err_s is None and "rlkit: weight sync" in (tmp_path / "log").read_text():
+                err_s = time.time() - t0
+            time.sleep(0.2)
+        rc = proc.wait(timeout=5)
         took = time.time() - t0
     finally:
         if proc.poll() is None:
@@ -321,11 +326,12 @@ def test_link_down_during_a_weight_sync(cluster, tiny_model_dir, tmp_path):
             Path(str(hold) + suffix).unlink(missing_ok=True)
     log = (tmp_path / "log").read_text()
     err = [ln for ln in log.splitlines() if ln.startswith("rlkit: ")]
-    print(f"link down during sync: run ended (rc {rc}) {took:.1f}s after the cut: {err[-2:]}")
+    print(f"link down during sync: error printed {err_s}s and run ended (rc {rc}) {took:.1f}s after the cut: "
+          f"{err[-2:]}")
     if rc != 0:
         assert any("weight sync" in ln and "cluster.sync_timeout_s=20" in ln and f"{cluster.hosts.ip(1)}:" in ln
                    for ln in err), log[-4000:]
-        assert took < 20 + 30 + 30, took
+        assert err_s is not None and err_s < 20 + 5 + 5, err_s  # cluster.sync_timeout_s + the 5 s grace
     # the link is back: the node rejoins (or is restarted, as an operator would) and the run resumes
     alive = set(cluster.alive_nodes())
     if cluster.hosts.ip(victim) not in alive:

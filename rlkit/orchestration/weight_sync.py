@@ -290,7 +290,7 @@ class CollectiveSync:
     broadcast (learner ``sync_send`` and every engine's ``sync_receive`` at once)."""
 
     mode = "collective"
-    GRACE_S = 30.0  # past cluster.sync_timeout_s, for the members' own timeout errors to arrive
+    GRACE_S = 5.0  # past cluster.sync_timeout_s, for the members' own timeout errors to arrive
 
     def __init__(self, backend: str, bucket_mb: float, timeout_s: float):
         self.backend, self.bucket_bytes, self.timeout_s = backend, _mib(bucket_mb), timeout_s
@@ -331,6 +331,9 @@ class CollectiveSync:
         try:
             out = _results(refs, {i + 1: i for i in range(len(actors))}, self.timeout_s + self.GRACE_S,
                            lambda late: self._late(f"the broadcast of version {version}", late, refs[0]))
+        except SyncTimeout:
+            self._members, self._handles = None, []  # members that do not answer cannot be asked to leave
+            raise
         except BaseException:
             self._members = None  # formed again (and left by every member) at the next sync
             raise
