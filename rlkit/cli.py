@@ -356,13 +356,25 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line; dotted overrides may also come after the options
+    (``rlkit sweep RECIPE --seeds 0,1 key=value``), where argparse alone stops collecting them."""
+    ap = build_parser()
+    args, extra = ap.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*(args.overrides or []), *extra]
+    elif extra:
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from rlkit.compose import ConfigError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train-budget-predictor"]:
         return _cmd_train_budget_predictor(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return int(args.fn(args) or 0)
     except ConfigError as e:

@@ -144,3 +144,15 @@ def test_sweep_two_seeds_end_to_end(tiny_model_dir, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "seed 0: done" in again.stdout and "seed 1: done" in again.stdout
     assert "training seed" not in again.stdout
+
+
+def test_overrides_may_follow_the_options():
+    """README's order, ``rlkit sweep RECIPE --seeds 0,1 key=value``, keeps the overrides."""
+    from rlkit.cli import parse
+
+    args = parse(["sweep", "recipes/quickstart.yaml", "--seeds", "1,2", "train.steps=3", "seed=4"])
+    assert args.recipe == "recipes/quickstart.yaml" and args.overrides == ["train.steps=3", "seed=4"]
+    args = parse(["train", "recipes/quickstart.yaml", "train.steps=3", "--no-resume", "learner.lr=1e-3"])
+    assert args.overrides == ["train.steps=3", "learner.lr=1e-3"] and args.no_resume
+    with pytest.raises(SystemExit):
+        parse(["sweep", "recipes/quickstart.yaml", "--seeds", "1", "--bogus"])
