@@ -36,10 +36,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     resume = True if args.resume else (False if args.no_resume else None)
     try:
         summary = Trainer(cfg, resume=resume).run()
-    except (SyncVerificationError, DataError) as e:  # a run-time verdict or bad data: one line, no traceback
-        print(f"rlkit: {e}", file=sys.stderr)
-        return 1
-    except PlacementError as e:
+    except (SyncVerificationError, DataError, PlacementError) as e:  # a verdict, bad data, a cluster too small
         print(f"rlkit: {e}", file=sys.stderr)
         return 1
     except (EngineFailure, SyncTimeout, DistributedInitError) as e:  # the cluster failed under the run

@@ -26,7 +26,6 @@ if WHY:
 
 ROOT = Path(__file__).resolve().parents[1]
 RESOURCES = {1: {"learner": 1, "ds": 1}, 2: {"rollout": 2, "ds": 1}, 3: {"rollout": 2}}
-STABLE_SKIP = ("time/", "perf/", "sys/", "cluster/", "async/")
 
 
 @pytest.fixture(scope="module")
@@ -99,18 +98,19 @@ def _local_run(args: list[str]) -> None:
 
 
 def _stable(run_dir: Path) -> list[dict]:
+    """Per-step metrics without timings and machine state (as the golden runs compare them)."""
+    from golden import stable
+
     from rlkit.infra.tracking import read_metrics
 
-    return [{k: v for k, v in m.items() if isinstance(v, (int, float)) and not k.startswith(STABLE_SKIP)
-             and not k.endswith("_s")} for m in read_metrics(run_dir)]
+    return [stable(m) for m in read_metrics(run_dir)]
 
 
 def _assert_same(got: list[dict], want: list[dict]) -> None:
-    assert [m["step"] for m in got] == [m["step"] for m in want]
-    for a, b in zip(got, want):
-        assert a.keys() == b.keys()
-        bad = {k: (a[k], b[k]) for k in a if abs(a[k] - b[k]) > 1e-6 * max(1.0, abs(b[k]))}
-        assert not bad, f"step {a['step']}: {bad}"
+    from golden import compare
+
+    bad = compare("multi-host vs one host", got, want, tol=1e-6)
+    assert not bad, "\n".join(bad)
 
 
 def _placement(log: str) -> str:

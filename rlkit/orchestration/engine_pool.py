@@ -203,8 +203,8 @@ class EnginePool:
         self._guidance_seen[k] = {}  # the new engine's guidance counters start at 0
         ev = RestartEvent(k, reason, detected_at, t1 - t0, t2 - t1, self.version)
         self.events.append(ev)
-        self.log(f"rollout engine {k} died ({reason}); recreated on node {self.nodes[k]} in {ev.restart_s:.1f}s, loaded policy version "
-                 f"{self.version} in {ev.sync_s:.2f}s; retrying its requests "
+        self.log(f"rollout engine {k} died ({reason}); recreated on node {self.nodes[k]} in {ev.restart_s:.1f}s, "
+                 f"loaded policy version {self.version} in {ev.sync_s:.2f}s; retrying its requests "
                  f"(restart {self.restarts[k]}/{self.max_restarts} of engine {k})")
 
     def _place_again(self, k: int, reason: str, err: BaseException) -> Any:

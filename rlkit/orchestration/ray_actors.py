@@ -236,7 +236,7 @@ def spawn_actors(cfg: Config, model_path: str, engine_kwargs: dict[str, Any]):
 
 
 def describe_placement(learner: Any, pool: Any) -> str:
-    """Where the roles run, e.g. ``learner rank 0 on 10.0.0.1 | engines 0-1 on 10.0.0.2``."""
+    """Where the roles run, e.g. ``learner rank on 10.0.0.1 | engines 0,1 on 10.0.0.2``."""
     import ray
 
     ranks = getattr(learner, "ranks", None) or [learner]

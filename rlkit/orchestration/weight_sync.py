@@ -236,7 +236,7 @@ def _hold_point() -> None:
         time.sleep(0.05)
 
 
-FAILED_PEER_GRACE_S = 5.0  # after rank 0 failed, how long the other members' own errors may take to arrive
+SYNC_GRACE_S = 5.0  # how long members' own errors may take to arrive (past the timeout, or after rank 0 failed)
 
 
 class SyncTimeout(RuntimeError):
@@ -262,7 +262,7 @@ def _results(refs: list, engine_of: dict[int, int], timeout_s: float | None = No
                 try:
                     ray.get(refs[0], timeout=0)
                 except ray.exceptions.RayError:
-                    deadline = min(deadline, time.monotonic() + FAILED_PEER_GRACE_S)
+                    deadline = min(deadline, time.monotonic() + SYNC_GRACE_S)
     if pending:
         late = [i for i, r in enumerate(refs) if r in pending]
         raise SyncTimeout(describe(late) if describe else f"{len(late)} sync calls did not answer in {timeout_s:g}s")
@@ -290,7 +290,6 @@ class CollectiveSync:
     broadcast (learner ``sync_send`` and every engine's ``sync_receive`` at once)."""
 
     mode = "collective"
-    GRACE_S = 5.0  # past cluster.sync_timeout_s, for the members' own timeout errors to arrive
 
     def __init__(self, backend: str, bucket_mb: float, timeout_s: float):
         self.backend, self.bucket_bytes, self.timeout_s = backend, _mib(bucket_mb), timeout_s
@@ -317,7 +316,7 @@ class CollectiveSync:
         refs += [a.sync_group_join.remote(addr, port, f, world, self.backend, self.timeout_s)
                  for a, f in zip(actors, firsts)]
         self._handles = [learner, *actors]
-        _results(refs, {i + 1: i for i in range(len(actors))}, self.timeout_s + self.GRACE_S,
+        _results(refs, {i + 1: i for i in range(len(actors))}, self.timeout_s + SYNC_GRACE_S,
                  lambda late: self._late("forming", late))
         self._members = tuple(a._actor_id.hex() for a in actors)
         self.groups_formed += 1
@@ -329,7 +328,7 @@ class CollectiveSync:
         t1 = time.perf_counter()
         refs = [learner.sync_send.remote(self.bucket_bytes)] + [a.sync_receive.remote(version) for a in actors]
         try:
-            out = _results(refs, {i + 1: i for i in range(len(actors))}, self.timeout_s + self.GRACE_S,
+            out = _results(refs, {i + 1: i for i in range(len(actors))}, self.timeout_s + SYNC_GRACE_S,
                            lambda late: self._late(f"the broadcast of version {version}", late, refs[0]))
         except SyncTimeout:
             self._members, self._handles = None, []  # members that do not answer cannot be asked to leave
