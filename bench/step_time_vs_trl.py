@@ -287,6 +287,7 @@ def run_side(side: str, a: argparse.Namespace) -> dict:
         Path(result_path).unlink(missing_ok=True)
     res["process_wall_s"] = wall
     res["peak_pss_gib"], res["peak_rss_sum_gib"] = mon.peak_pss_gib, mon.peak_rss_gib
+    res["peak_pss_by_role"] = mon.peak_roles  # which process held what at the peak ("driver" = the worker)
     # 1-min load average: other processes on the box inflate both sides' times (2 cores here).
     res["loadavg_before"], res["loadavg_after"] = list(load_before), list(os.getloadavg())
     return res
@@ -302,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         res = run_trl(a) if a.worker == "trl" else run_rlkit(a)
         Path(a.result).write_text(json.dumps(res))
         return 0
+
+    from rlkit.infra.sysmon import format_roles
 
     sides = [a.only] if a.only else ["trl", "rlkit"]
     results = {side: run_side(side, a) for side in sides}
@@ -320,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{k} {_fmt(r.get('mean_' + k))} s" for k in keys)
             + f" | load avg before/after {_fmt(r['loadavg_before'][0])}/{_fmt(r['loadavg_after'][0])}"
             + f" | peak PSS {_fmt(r['peak_pss_gib'])} GiB (process tree)")
+        print(f"       peak PSS by process, GiB: {format_roles(r.get('peak_pss_by_role') or {}, top=8)}")
     ratio = None
     if "trl" in results and "rlkit" in results and results["trl"]["mean_step_s"]:
         ratio = results["rlkit"]["mean_step_s"] / results["trl"]["mean_step_s"]

@@ -53,3 +53,31 @@ def test_pss_splits_shared_pages_between_processes():
             c.kill()
         p.kill()
         p.wait()
+
+
+def test_peak_is_broken_down_by_role():
+    from rlkit.infra.sysmon import format_roles, role_of
+
+    assert role_of(["ray::LearnerWorker.update"], "python", False) == "ray::LearnerWorker"
+    assert role_of(["ray::IDLE"], "python", False) == "ray::IDLE"
+    assert role_of(["/x/bin/raylet", "--flag"], "raylet", False) == "raylet"
+    assert role_of(["/usr/bin/python3", "-u", "/a/b/worker.py"], "python3", False) == "python worker.py"
+    assert role_of(["anything"], "x", True) == "driver"
+    assert format_roles({"a": 1.0, "b": 3.0, "c": 0.5}, top=2) == "b 3.00, a 1.00, other 0.50"
+    mon = MemoryMonitor(interval_s=0.05).start()
+    p = _spawn()
+    try:
+        time.sleep(0.3)
+    finally:
+        p.kill()
+        p.wait()
+    time.sleep(0.3)
+    mon.stop()
+    roles = mon.peak_roles  # taken at the peak, when the child was alive
+    assert roles["driver"] > 0.01
+    child = [v for k, v in roles.items() if k != "driver"]
+    assert len(child) == 1 and child[0] > 0.2  # the child's 256 MiB under its own label
+    assert abs(sum(roles.values()) - mon.peak_pss_gib) < 1e-6
+    lines = []
+    peak = mon.report_peak(lines.append)
+    assert "at the peak, GiB: " in lines[0] and set(peak["pss_by_role"]) == set(roles)
