@@ -89,7 +89,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 2
     base = resolve_model_path(cfg.model.name)
     model_path = args.model or run_model or base
-    _, eval_rows = recipe_rows(cfg)
+    train_rows, eval_rows = recipe_rows(cfg)
+    if args.split:
+        from rlkit.infra.eval_splits import load_eval_splits
+
+        if args.split not in cfg.eval.splits:
+            have = ", ".join(cfg.eval.splits) or "none; add eval.splits.<name> to the recipe"
+            print(f"rlkit: --split {args.split}: no such eval.splits entry (have: {have})", file=sys.stderr)
+            return 2
+        one = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"splits": {args.split: cfg.eval.splits[args.split]}})})
+        try:
+            eval_rows = load_eval_splits(one, train_rows, eval_rows)[args.split]
+        except ValueError as e:
+            print(f"rlkit: {e}", file=sys.stderr)
+            return 2
     if args.limit:
         eval_rows = eval_rows[: args.limit]
     lora = None
@@ -308,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="write the results JSON here (with --budgets: a .json file, the PNG beside "
                                  "it, or a directory; default: the run dir)")
     e.add_argument("--limit", type=_positive_int, help="evaluate only the first N held-out problems")
+    e.add_argument("--split", metavar="NAME", help="evaluate the recipe's eval.splits.NAME set instead of the "
+                   "in-distribution held-out problems")
     e.add_argument("--budgets", metavar="B1,B2,...",
                    help="token budgets: accuracy and mean tokens per budget, truncated (unguided) and, with a "
                         "predictor, budget-guided; writes eval_budgets.json + .png")

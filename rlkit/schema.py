@@ -316,6 +316,17 @@ class TrackingConfig(_Section):
     console: bool = True
 
 
+class EvalSplitConfig(_Section):
+    """An extra held-out set, drawn from the run's data source with some of its keys changed (e.g. an
+    out-of-distribution split with more terms than training saw)."""
+
+    generator: dict[str, Any] = Field(default_factory=dict,
+                                      description="Keys merged over data.generator (e.g. {n_terms: 4}).")
+    path: str | None = Field(None, description="Another file/dir for jsonl, parquet and hf sources.")
+    split: str | None = Field(None, description="Another split name for hf sources.")
+    size: int = Field(64, ge=1, description="Problems in the split (after removing prompts trained on).")
+
+
 class EvalConfig(_Section):
     before: bool = Field(False, description="Evaluate the initial model before training.")
     after: bool = Field(False, description="Evaluate the trained model after training.")
@@ -323,6 +334,11 @@ class EvalConfig(_Section):
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy.")
     num_samples: int = Field(1, ge=1, description="Samples per problem (pass@k uses k<=this).")
     batch_size: int = Field(64, ge=1)
+    splits: dict[str, EvalSplitConfig] = Field(
+        default_factory=dict,
+        description="Extra held-out sets by name, evaluated beside the in-distribution one (data.eval_size) "
+        "and written to eval_<before|after>_<name>.json, e.g. {ood: {generator: {n_terms: 4}}}.",
+    )
 
 
 class ClusterConfig(_Section):

@@ -33,6 +33,7 @@ class Trainer:
         from rewards.length import LengthShaping
         from rlkit.infra.checkpoint import latest_checkpoint
         from rlkit.infra.data import PromptCursor, load_run_rows
+        from rlkit.infra.eval_splits import load_eval_splits
         from rlkit.infra.models import load_tokenizer, resolve_model_path
         from rlkit.loop.prompts import PromptEncoder
         from rlkit.methods import StageContext, active_stages
@@ -51,6 +52,8 @@ class Trainer:
         self.model_path = resolve_model_path(cfg.model.name)
         self.tokenizer = load_tokenizer(self.model_path)
         self.train_rows, self.eval_rows, self.data_stats = load_run_rows(cfg)
+        self.eval_splits = load_eval_splits(cfg, self.train_rows, self.eval_rows) if cfg.eval.before or cfg.eval.after \
+            else {}
         self.cursor = PromptCursor(len(self.train_rows), cfg.seed, shuffle=cfg.data.shuffle)
         self.encode = PromptEncoder(cfg, self.tokenizer)
         self.manager = RewardManager.from_config(cfg.reward, plugins=[*cfg.reward.plugins, *cfg.plugins])
@@ -213,7 +216,14 @@ class Trainer:
         return m
 
     def _evaluate(self, tracker, tag: str) -> dict[str, float]:
-        return report.evaluate(self.cfg, self.run_dir, self.eval_rows, self.encode, self.engines, tracker, tag)
+        """The in-distribution held-out set (``eval_<tag>.json``), then each ``eval.splits`` entry
+        (``eval_<tag>_<name>.json``); returns the first, with the others' accuracy under ``split/<name>/``."""
+        res = report.evaluate(self.cfg, self.run_dir, self.eval_rows, self.encode, self.engines, tracker, tag)
+        out = dict(res)
+        for name, rows in self.eval_splits.items():
+            r = report.evaluate(self.cfg, self.run_dir, rows, self.encode, self.engines, tracker, f"{tag}_{name}")
+            out.update({f"split/{name}/{k}": v for k, v in r.items() if k in ("accuracy", "format_rate", "tokens_mean")})
+        return out
 
     def _close_stages(self) -> None:
         for s in getattr(self, "stages", ()):

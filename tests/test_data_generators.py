@@ -47,10 +47,10 @@ def test_arithmetic_word_problem_answers_are_correct() -> None:
 
 @pytest.mark.parametrize("kwargs", [
     {"word_problems": False},
-    {"n_terms": 4, "ops": ("+", "-", "*")},
+    {"n_terms": 4, "ops": ("+", "-", "*"), "word_problems": False},
     {"ops": ("*",), "max_value": 12},
-    {"n_terms": 3, "min_value": -20, "max_value": 20, "allow_negative": True},
-    {"n_terms": 4, "ops": ("-",), "min_value": 1, "max_value": 30},
+    {"n_terms": 3, "min_value": -20, "max_value": 20, "allow_negative": True, "word_problems": False},
+    {"n_terms": 4, "ops": ("-",), "min_value": 1, "max_value": 30, "word_problems": False},
 ])
 def test_arithmetic_expression_answers_match_eval(kwargs: dict) -> None:
     rows = generate_arithmetic(200, seed=1, **kwargs)
@@ -60,6 +60,41 @@ def test_arithmetic_expression_answers_match_eval(kwargs: dict) -> None:
         assert all(int(r["answer"]) >= 0 for r in rows)
     values = [int(x) for r in rows for x in re.findall(r"-?\d+", r["prompt"])]
     assert min(values) >= kwargs.get("min_value", 1) and max(values) <= kwargs.get("max_value", 99)
+
+
+def _story_answer(prompt: str) -> tuple[int, list[int]]:
+    """A multi-step story read sentence by sentence: the opening's number, then each step's number
+    added or removed by its verb. Returns the answer and the running totals."""
+    sentences = [x for x in re.split(r"(?<=[.?])\s+", prompt) if x]
+    assert sentences[-1].startswith("How many"), prompt
+    total = int(_NUMBERS.findall(sentences[0])[0])
+    totals = [total]
+    for sentence in sentences[1:-1]:
+        (n,) = (int(x) for x in _NUMBERS.findall(sentence))
+        adds = any(w in sentence for w in ("buys", "finds", "gives her", "gives him", "wins"))
+        removes = any(w in sentence for w in (" to a friend", "uses", "loses", "sells"))
+        assert adds != removes, sentence
+        total += n if adds else -n
+        totals.append(total)
+    return total, totals
+
+
+@pytest.mark.parametrize("n_terms", [3, 4, 5])
+def test_arithmetic_multi_step_stories(n_terms: int) -> None:
+    rows = generate_arithmetic(300, seed=3, n_terms=n_terms, min_value=1, max_value=30)
+    assert len({r["prompt"] for r in rows}) == 300
+    for r in rows:
+        answer, totals = _story_answer(r["prompt"])
+        assert len(totals) == n_terms  # one sentence per step
+        assert int(r["answer"]) == answer and min(totals) >= 0  # never gives away more than there is
+    steps = [s for r in rows for s in re.split(r"(?<=[.])\s+", r["prompt"])[1:-1]]
+    assert any("buys" in s for s in steps) and any("loses" in s for s in steps)
+    # two-term rows are what they were before multi-step stories existed (the same draws and words)
+    assert generate_arithmetic(2, seed=0, max_value=30) == [
+        {"prompt": "A box holds 28 pencils. Mia removes 13 pencils. How many pencils are still in the box?",
+         "answer": "15"},
+        {"prompt": "There are 30 coins on the table. Ravi takes 13 of them. How many coins are left on the table?",
+         "answer": "17"}]
 
 
 def test_arithmetic_negative_answers_when_allowed() -> None:

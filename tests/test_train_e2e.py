@@ -79,7 +79,8 @@ def _metrics(run_dir: Path) -> list[dict]:
 def test_train_kill9_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     recipe = str(ROOT / "recipes/quickstart.yaml")
     # uninterrupted reference run, through the real CLI
-    ref = _run_cli(["train", recipe, *tiny_overrides(tiny_model_dir, tmp_path, "ref")])
+    ref = _run_cli(["train", recipe, *tiny_overrides(tiny_model_dir, tmp_path, "ref"),
+                    "eval.splits={ood: {generator: {n_terms: 3}, size: 3}}"])
     assert ref.returncode == 0, ref.stderr[-3000:]
     ref_dir = tmp_path / "ref"
     m_ref = _metrics(ref_dir)
@@ -91,6 +92,13 @@ def test_train_kill9_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     ev = _run_cli(["eval", str(ref_dir), "--out", str(tmp_path / "eval.json")])
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert json.loads((tmp_path / "eval.json").read_text())["model"].endswith("final")
+    ood = json.loads((ref_dir / "eval_after_ood.json").read_text())  # the extra held-out split
+    assert ood["problems"] == 3 and 0.0 <= summary["eval_after"]["split/ood/accuracy"] <= 1.0
+    ev = _run_cli(["eval", str(ref_dir), "--split", "ood", "--out", str(tmp_path / "eval_ood.json")])
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert json.loads((tmp_path / "eval_ood.json").read_text())["problems"] == 3
+    ev = _run_cli(["eval", str(ref_dir), "--split", "odd"])
+    assert ev.returncode == 2 and ev.stderr.strip() == "rlkit: --split odd: no such eval.splits entry (have: ood)"
     plot = _run_cli(["plot", str(ref_dir)])
     assert plot.returncode == 0 and (ref_dir / "plots" / "reward.png").stat().st_size > 0
 

@@ -44,6 +44,16 @@ _SUB_TEMPLATES = (
 )
 
 
+# Multi-step stories (3+ terms): an opening, one sentence per step, a question. The adding and removing
+# verbs are disjoint from each other, so a reader (or a test) can tell each step's sign from its verb.
+_OPENINGS = ("{name} has {a}.", "{name} starts the day with {a}.", "A box holds {a} that belong to {name}.")
+_ADD_STEPS = ("{Then} {pron} buys {n} more.", "{Then} {pron} finds {n} more.",
+              "{Then} a friend gives {obj} {n} more.", "{Then} {pron} wins {n} more.")
+_SUB_STEPS = ("{Then} {pron} gives {n} to a friend.", "{Then} {pron} uses {n} of them.",
+              "{Then} {pron} loses {n}.", "{Then} {pron} sells {n}.")
+_THEN = ("Then", "After that,", "Later", "Next,")
+
+
 def evaluate_terms(terms: Sequence[int], ops: Sequence[str]) -> int:
     """Evaluate `terms[0] ops[0] terms[1] ...` with `*` binding tighter than `+`/`-`.
 
@@ -78,6 +88,27 @@ def _word_problem(rng: random.Random, a: int, b: int, op: str) -> str:
     )
 
 
+def _story(rng: random.Random, terms: Sequence[int], ops: Sequence[str]) -> str:
+    """A word problem of one step per op: "Mia has 12 coins. Then she buys 5 more. Later she loses 3. ..."."""
+    name, pron = rng.choice(_NAMES)
+    obj = rng.choice(_OBJECTS)
+    parts = [rng.choice(_OPENINGS).format(name=name, a=_count(terms[0], obj))]
+    for op, n in zip(ops, terms[1:], strict=True):
+        step = rng.choice(_ADD_STEPS if op == "+" else _SUB_STEPS)
+        parts.append(step.format(Then=rng.choice(_THEN), pron=pron, obj="her" if pron == "she" else "him", n=n))
+    parts.append(f"How many {obj[1]} does {pron} have now?")
+    return " ".join(parts)
+
+
+def _running_totals_ok(terms: Sequence[int], ops: Sequence[str]) -> bool:
+    total = terms[0]
+    for op, n in zip(ops, terms[1:], strict=True):
+        total += n if op == "+" else -n
+        if total < 0:
+            return False
+    return True
+
+
 def _expression(terms: Sequence[int], ops: Sequence[str]) -> str:
     parts = [str(terms[0]) if terms[0] >= 0 else f"({terms[0]})"]
     for op, term in zip(ops, terms[1:], strict=True):
@@ -99,9 +130,12 @@ def generate_arithmetic(
     """Generate `n` seeded arithmetic problems as rows `{"prompt", "answer"}`.
 
     Operands are drawn uniformly from `[min_value, max_value]`, one op per gap from `ops`.
-    Two-term `+`/`-` problems with non-negative operands become word problems when
-    `word_problems` is set ("Mia has 23 apples. She buys 17 more. ..."); anything else (more
-    terms, `*`, negative operands) is phrased "What is 23 + 17 - 5?". `*` binds tighter than
+    `+`/`-` problems with non-negative operands become word problems when `word_problems` is
+    set: two terms as a one-step story ("Mia has 23 apples. She buys 17 more. ..."), more terms
+    as a multi-step story with one sentence per step ("Mia has 12 coins. Then she buys 5 more.
+    Later she loses 3. How many coins does she have now?"), whose running total never drops
+    below zero. Anything else (`*`, negative operands, `word_problems=False`) is phrased
+    "What is 23 + 17 - 5?". `*` binds tighter than
     `+`/`-`. With `allow_negative=False` every answer is >= 0 (a word problem's `a - b` is
     ordered so); answers are integers as strings. Prompts are unique within a call unless the
     space of problems is too small, in which case duplicates are allowed.
@@ -133,16 +167,21 @@ def generate_arithmetic(
         for _attempt in range(1000):
             terms = [rng.randint(min_value, max_value) for _ in range(n_terms)]
             row_ops = [rng.choice(ops) for _ in range(n_terms - 1)]
-            wordy = word_problems and n_terms == 2 and row_ops[0] != "*" and min(terms) >= 0
-            if wordy and row_ops[0] == "-" and terms[0] < terms[1]:
+            wordy = word_problems and "*" not in row_ops and min(terms) >= 0
+            if wordy and n_terms == 2 and row_ops[0] == "-" and terms[0] < terms[1]:
                 terms.reverse()  # "has 3, gives away 5" is not a sensible story
+            if wordy and n_terms > 2 and not _running_totals_ok(terms, row_ops):
+                continue  # a story cannot give away more than there is
             value = evaluate_terms(terms, row_ops)
             if value < 0 and not allow_negative:
                 continue
-            prompt, answer = (
-                _word_problem(rng, terms[0], terms[1], row_ops[0]) if wordy
-                else _expression(terms, row_ops)
-            ), value
+            if not wordy:
+                prompt = _expression(terms, row_ops)
+            elif n_terms == 2:
+                prompt = _word_problem(rng, terms[0], terms[1], row_ops[0])
+            else:
+                prompt = _story(rng, terms, row_ops)
+            answer = value
             duplicates += prompt in seen
             if prompt not in seen or duplicates >= 50:
                 break

@@ -2,7 +2,8 @@
 
 Per run: the method (advantage / policy loss / length shapers), steps done, held-out accuracy and
 ``\\boxed{}`` rate before and after training (``eval_before.json`` / ``eval_after.json``), mean response
-tokens of the final greedy evaluation, the training reward and response length averaged over the last
+tokens of the final greedy evaluation, the accuracy and tokens on each extra held-out split
+(``eval_after_<split>.json``, from ``eval.splits``), the training reward and response length averaged over the last
 ``tail`` steps, wall time of the steps and the peak memory. The figure overlays the runs' training
 reward, accuracy and response length per step.
 
@@ -132,8 +133,28 @@ def compare_runs(run_dirs: list[str | Path], tail: int = 3) -> list[dict[str, An
             "train_tokens_tail": _tail_mean(recs, "response/len_mean", tail),
             "step_time_s": sum(float(r.get("time/step_s", 0.0)) for r in recs),
             "peak_pss_gib": (summary.get("peak_memory_gib") or {}).get("pss") or (max(peaks) if peaks else None),
+            **_split_values(d),
         })
     return rows
+
+
+def _split_values(d: Path) -> dict[str, float | None]:
+    """``{"acc_after:<split>": ..., "tokens_after:<split>": ...}`` from the run's ``eval_after_<split>.json``."""
+    out: dict[str, float | None] = {}
+    for f in sorted(d.glob("eval_after_*.json")):
+        res = _read_json(f)
+        name = f.stem[len("eval_after_"):]
+        out[f"acc_after:{name}"], out[f"tokens_after:{name}"] = res.get("accuracy"), res.get("tokens_mean")
+    return out
+
+
+def split_names(rows: list[dict[str, Any]]) -> list[str]:
+    """The extra held-out splits any row has, in first-seen order."""
+    names: list[str] = []
+    for r in rows:
+        names += [k.split(":", 1)[1] for k in r if k.startswith("acc_after:") and not k.endswith(("_ci95", "_n"))
+                  and k.split(":", 1)[1] not in names]
+    return names
 
 
 def _group_indices(run_dirs: list[Path], by_seed: bool) -> list[list[int]]:
@@ -175,8 +196,9 @@ def _aggregate(rows: list[dict[str, Any]], dirs: list[Path]) -> dict[str, Any]:
         "steps": steps[0] if len(steps) == 1 else f"{steps[0]}–{steps[-1]}",
         "n": len(rows), "runs": [r["run"] for r in rows], "seeds": seeds,
     }
-    for k in STAT_KEYS:
-        vals = [r[k] for r in rows if r[k] is not None]
+    split_keys = [f"{m}:{n}" for n in split_names(rows) for m in ("acc_after", "tokens_after")]
+    for k in (*STAT_KEYS, *split_keys):
+        vals = [r[k] for r in rows if r.get(k) is not None]
         out[k], out[f"{k}_ci95"] = mean_ci(vals)
         out[f"{k}_n"] = len(vals)
     times = [r["step_time_s"] for r in rows if r["step_time_s"] is not None]
@@ -210,7 +232,7 @@ def _fmt(v: Any, kind: str) -> str:
 def _cell(r: dict[str, Any], key: str, kind: str) -> str:
     """A value; for a group row ``mean ± half-width (n=k)`` (``mean (n=1)`` with one value)."""
     if f"{key}_n" not in r:
-        return _fmt(r[key], kind)
+        return _fmt(r.get(key), kind)
     n = r[f"{key}_n"]
     if n == 0:
         return "—"
@@ -220,8 +242,10 @@ def _cell(r: dict[str, Any], key: str, kind: str) -> str:
 
 def format_markdown(rows: list[dict[str, Any]], baseline: int = 0) -> str:
     """A markdown table; the last column is each run's final tokens relative to row ``baseline``."""
+    splits = split_names(rows)
     head = ("| run | method | steps | acc before → after | format after | tokens after | vs baseline tokens "
-            "| train reward (last) | train tokens (last) | train time (sum of steps) | peak PSS |")
+            + "".join(f"| {n} acc | {n} tokens " for n in splits)
+            + "| train reward (last) | train tokens (last) | train time (sum of steps) | peak PSS |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     base = rows[baseline]["tokens_after"] if rows else None
     for r in rows:
@@ -229,7 +253,9 @@ def format_markdown(rows: list[dict[str, Any]], baseline: int = 0) -> str:
         lines.append(
             f"| {r['run']} | {r['method']} | {r['steps']} | {_cell(r, 'acc_before', 'pct')} → "
             f"{_cell(r, 'acc_after', 'pct')} | {_cell(r, 'format_after', 'pct')} | "
-            f"{_cell(r, 'tokens_after', 'num')} | {rel} | {_cell(r, 'train_reward_tail', 'num')} "
+            f"{_cell(r, 'tokens_after', 'num')} | {rel} | "
+            + "".join(f"{_cell(r, 'acc_after:' + n, 'pct')} | {_cell(r, 'tokens_after:' + n, 'num')} | " for n in splits)
+            + f"{_cell(r, 'train_reward_tail', 'num')} "
             f"| {_cell(r, 'train_tokens_tail', 'num')} | {_fmt(r['step_time_s'], 'min')} "
             f"| {_fmt(r['peak_pss_gib'], 'num')} GiB |"
         )
