@@ -30,12 +30,30 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 STEPWISE = "{prompt}\nSolve it step by step, one step per line, then give the final number as \\boxed{{answer}}."
+ONE_SHOT = ("Example: Ann has 4 pens. Then she buys 3 more. Later she loses 2. How many pens does she have now?\n"
+            "Ann starts with 4 pens.\n4 + 3 = 7.\n7 - 2 = 5.\nThe answer is \\boxed{{5}}.\n\n"
+            "Now solve this one the same way, one step per line.\n{prompt}")
 WORDS = "data.generator={n: 2000, min_value: 1, max_value: 30, ops: ['+', '-'], word_problems: true, n_terms: %d}"
 CANDIDATES: dict[str, list[str]] = {
     "words2 (quickstart)": [],
     "words3": [WORDS % 3],
     "words3 step-by-step": [WORDS % 3, f"data.prompt_template={STEPWISE}"],
     "words4 step-by-step": [WORDS % 4, f"data.prompt_template={STEPWISE}"],
+    "words3 small +": ["data.generator={n: 2000, min_value: 1, max_value: 10, ops: ['+'], word_problems: true, "
+                       "n_terms: 3}"],
+    "words3 small +-": ["data.generator={n: 2000, min_value: 1, max_value: 10, ops: ['+', '-'], "
+                        "word_problems: true, n_terms: 3}"],
+    "words3 small +- step-by-step": ["data.generator={n: 2000, min_value: 1, max_value: 10, ops: ['+', '-'], "
+                                     "word_problems: true, n_terms: 3}", f"data.prompt_template={STEPWISE}"],
+    "words3 small +- one-shot": ["data.generator={n: 2000, min_value: 1, max_value: 10, ops: ['+', '-'], "
+                                 "word_problems: true, n_terms: 3}", f"data.prompt_template={ONE_SHOT}"],
+    "words3 +- one-shot": [WORDS % 3, f"data.prompt_template={ONE_SHOT}"],
+    "words4 small +- one-shot": ["data.generator={n: 2000, min_value: 1, max_value: 10, ops: ['+', '-'], "
+                                 "word_problems: true, n_terms: 4}", f"data.prompt_template={ONE_SHOT}"],
+    "words2-3 small +-": ["data.generator={n: 2000, min_value: 1, max_value: 10, ops: ['+', '-'], "
+                          "word_problems: true, n_terms: [2, 3]}"],
+    "words2-3 +-": ["data.generator={n: 2000, min_value: 1, max_value: 20, ops: ['+', '-'], "
+                    "word_problems: true, n_terms: [2, 3]}"],
     "expr3": ["data.generator={n: 2000, min_value: 1, max_value: 30, ops: ['+', '-'], n_terms: 3, "
               "word_problems: false}", f"data.prompt_template={STEPWISE}"],
     "chain3 (reasoning-gym)": ["data.source=reasoning_gym",

@@ -137,6 +137,18 @@ def test_method_recipes_share_the_quickstart_setup(name):
     assert r["engine"]["max_new_tokens"] == q["engine"]["max_new_tokens"]
 
 
+@pytest.mark.parametrize("name", ["kimi", "tempo", "spae", "hapo", "dapo"])
+def test_multistep_method_recipes_share_its_setup(name):
+    """The multi-step method recipes change only the method: same data, splits, model, budget of samples."""
+    q = load_config(ROOT / "recipes/multistep.yaml").model_dump()
+    r = load_config(ROOT / f"recipes/multistep_{name}.yaml").model_dump()
+    for key in ("seed", "learner", "model", "data", "eval"):
+        assert r[key] == q[key], key
+    assert {**r["train"], "mini_batches": 1} == q["train"]  # HAPO takes 4 updates of the same samples
+    assert r["engine"]["max_new_tokens"] == q["engine"]["max_new_tokens"] == 128
+    assert q["data"]["generator"]["n_terms"] == [2, 3] and q["eval"]["splits"]["ood"]["generator"] == {"n_terms": 4}
+
+
 def test_budget_penalty_boxed_is_budget_penalty_from_the_quickstart_adapter():
     """Stage 2 of a two-stage recipe: only the start model and the boxed-only verifier differ."""
     a = load_config(ROOT / "recipes/budget_penalty_boxed.yaml").model_dump()

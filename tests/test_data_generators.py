@@ -155,3 +155,17 @@ def test_reasoning_gym_errors() -> None:
         load_rows("reasoning_gym", generator_kwargs={"size": 2})
     with pytest.raises(ValueError, match="no_such_task"):
         load_rows("reasoning_gym", generator_kwargs={"task": "no_such_task", "size": 2})
+
+
+def test_arithmetic_mixed_step_counts() -> None:
+    rows = generate_arithmetic(300, seed=4, n_terms=[2, 3], min_value=1, max_value=10)
+    counts = [len(_NUMBERS.findall(r["prompt"])) for r in rows]
+    assert set(counts) == {2, 3} and 0.3 < counts.count(3) / len(counts) < 0.7
+    for r, c in zip(rows, counts):
+        answer = _story_answer(r["prompt"])[0] if c == 3 else _word_answer(r["prompt"])
+        assert int(r["answer"]) == answer
+    # a one-element list is the plain int (the same draws)
+    assert generate_arithmetic(20, seed=4, n_terms=[3]) == generate_arithmetic(20, seed=4, n_terms=3)
+    for bad in ([], [2, 1], ["3"]):
+        with pytest.raises(ValueError, match="n_terms must be >= 2"):
+            generate_arithmetic(3, n_terms=bad)

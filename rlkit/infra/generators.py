@@ -123,7 +123,7 @@ def generate_arithmetic(
     min_value: int = 1,
     max_value: int = 99,
     ops: Sequence[str] = ("+", "-"),
-    n_terms: int = 2,
+    n_terms: int | Sequence[int] = 2,
     word_problems: bool = True,
     allow_negative: bool = False,
 ) -> list[dict[str, str]]:
@@ -135,7 +135,8 @@ def generate_arithmetic(
     as a multi-step story with one sentence per step ("Mia has 12 coins. Then she buys 5 more.
     Later she loses 3. How many coins does she have now?"), whose running total never drops
     below zero. Anything else (`*`, negative operands, `word_problems=False`) is phrased
-    "What is 23 + 17 - 5?". `*` binds tighter than
+    "What is 23 + 17 - 5?". `n_terms` may be a list, e.g. `[2, 3]`: each problem then draws its
+    number of terms from it (a mix of one- and two-step problems). `*` binds tighter than
     `+`/`-`. With `allow_negative=False` every answer is >= 0 (a word problem's `a - b` is
     ordered so); answers are integers as strings. Prompts are unique within a call unless the
     space of problems is too small, in which case duplicates are allowed.
@@ -147,8 +148,9 @@ def generate_arithmetic(
         raise ValueError(f"n must be >= 0, got {n}")
     if min_value > max_value:
         raise ValueError(f"min_value ({min_value}) must be <= max_value ({max_value})")
-    if n_terms < 2:
-        raise ValueError(f"n_terms must be >= 2, got {n_terms}")
+    choices = [n_terms] if isinstance(n_terms, int) else list(n_terms)
+    if not choices or any(not isinstance(k, int) or isinstance(k, bool) or k < 2 for k in choices):
+        raise ValueError(f"n_terms must be >= 2 (or a list of such), got {n_terms}")
     if isinstance(ops, str):
         ops = tuple(ops)
     if not ops or any(op not in _OPS for op in ops):
@@ -165,19 +167,20 @@ def generate_arithmetic(
         # duplicates a duplicate is accepted.
         prompt, answer, duplicates = "", 0, 0
         for _attempt in range(1000):
-            terms = [rng.randint(min_value, max_value) for _ in range(n_terms)]
-            row_ops = [rng.choice(ops) for _ in range(n_terms - 1)]
+            k = choices[0] if len(choices) == 1 else rng.choice(choices)  # one int: the draws of old
+            terms = [rng.randint(min_value, max_value) for _ in range(k)]
+            row_ops = [rng.choice(ops) for _ in range(k - 1)]
             wordy = word_problems and "*" not in row_ops and min(terms) >= 0
-            if wordy and n_terms == 2 and row_ops[0] == "-" and terms[0] < terms[1]:
+            if wordy and k == 2 and row_ops[0] == "-" and terms[0] < terms[1]:
                 terms.reverse()  # "has 3, gives away 5" is not a sensible story
-            if wordy and n_terms > 2 and not _running_totals_ok(terms, row_ops):
+            if wordy and k > 2 and not _running_totals_ok(terms, row_ops):
                 continue  # a story cannot give away more than there is
             value = evaluate_terms(terms, row_ops)
             if value < 0 and not allow_negative:
                 continue
             if not wordy:
                 prompt = _expression(terms, row_ops)
-            elif n_terms == 2:
+            elif k == 2:
                 prompt = _word_problem(rng, terms[0], terms[1], row_ops[0])
             else:
                 prompt = _story(rng, terms, row_ops)
