@@ -48,8 +48,6 @@ CANDIDATES: dict[str, list[str]] = {
     "words3 small +- one-shot": ["data.generator={n: 2000, min_value: 1, max_value: 10, ops: ['+', '-'], "
                                  "word_problems: true, n_terms: 3}", f"data.prompt_template={ONE_SHOT}"],
     "words3 +- one-shot": [WORDS % 3, f"data.prompt_template={ONE_SHOT}"],
-    "words4 small +- one-shot": ["data.generator={n: 2000, min_value: 1, max_value: 10, ops: ['+', '-'], "
-                                 "word_problems: true, n_terms: 4}", f"data.prompt_template={ONE_SHOT}"],
     "words2-3 small +-": ["data.generator={n: 2000, min_value: 1, max_value: 10, ops: ['+', '-'], "
                           "word_problems: true, n_terms: [2, 3]}"],
     "words2-3 +-": ["data.generator={n: 2000, min_value: 1, max_value: 20, ops: ['+', '-'], "

@@ -101,6 +101,28 @@ def test_saved_config_round_trips_to_no_conflict(tmp_path):
     assert "train.steps differs" in config_conflicts([(1, "done")], [cfg.run_dir], [other])[0]
 
 
+def test_a_run_saved_before_a_key_existed_is_no_conflict(tmp_path):
+    """A run saved by an older rlkit lacks the keys added since; left at their defaults they do not count
+    as a difference (for the sweep and for rlkit compare's seed groups), a value that is set does."""
+    import yaml
+
+    from rlkit.config import config_dict, load_config, save_config
+    from rlkit.tools.compare import group_runs
+
+    ov = [f"output_dir={tmp_path}", "train.steps=3"]
+    cfgs = [load_config(ROOT / "recipes/quickstart.yaml", [*ov, f"seed={s}", f"name=q_s{s}"]) for s in (1, 2)]
+    for c in cfgs:
+        save_config(c, c.run_dir / "config.yaml")
+    old = yaml.safe_load((cfgs[0].run_dir / "config.yaml").read_text())
+    del old["eval"]["splits"]  # as saved before eval.splits existed
+    (cfgs[0].run_dir / "config.yaml").write_text(yaml.safe_dump(old))
+    assert config_conflicts([(1, "done")], [cfgs[0].run_dir], [config_dict(cfgs[0])]) == []
+    assert group_runs([c.run_dir for c in cfgs]) == [[c.run_dir for c in cfgs]]
+    split = config_dict(load_config(ROOT / "recipes/quickstart.yaml",
+                                    [*ov, "seed=1", "name=q_s1", "eval.splits={ood: {generator: {n_terms: 3}}}"]))
+    assert "eval.splits.ood differs" in config_conflicts([(1, "done")], [cfgs[0].run_dir], [split])[0]
+
+
 def test_sweep_of_done_seeds_trains_nothing_and_reports(tmp_path, capsys, monkeypatch):
     """All seeds done: no trainer starts; the grouped table is printed and written."""
     import rlkit.cli as cli

@@ -75,14 +75,32 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def read_config(cfg_path: Path) -> dict[str, Any] | None:
+def read_config(cfg_path: Path, fill_defaults: bool = False) -> dict[str, Any] | None:
+    """A run's saved ``config.yaml`` as a dict (``None`` if unreadable). With ``fill_defaults``, keys that
+    rlkit added after the run was saved get their defaults, so a run saved by an older rlkit still
+    matches a new config that leaves those keys alone (a config the schema refuses is returned as is)."""
     import yaml
 
     try:
         c = yaml.safe_load(cfg_path.read_text())
     except (OSError, yaml.YAMLError):
         return None
-    return c if isinstance(c, dict) else None
+    if not isinstance(c, dict):
+        return None
+    return with_defaults(c) if fill_defaults else c
+
+
+def with_defaults(c: dict[str, Any]) -> dict[str, Any]:
+    """A config dict with every key the schema knows filled in (``c`` itself if the schema refuses it)."""
+    from pydantic import ValidationError
+
+    from rlkit.config import config_dict
+    from rlkit.schema import Config
+
+    try:
+        return config_dict(Config.model_validate(c))
+    except ValidationError:
+        return c
 
 
 def _method(cfg_path: Path) -> str:
@@ -163,7 +181,7 @@ def _group_indices(run_dirs: list[Path], by_seed: bool) -> list[list[int]]:
         return [[i] for i in range(len(run_dirs))]
     groups: dict[str, list[int]] = {}
     for i, d in enumerate(run_dirs):
-        cfg = read_config(d / "config.yaml")
+        cfg = read_config(d / "config.yaml", fill_defaults=True)
         key = config_key(cfg) if cfg is not None else f"unreadable:{i}"  # an unreadable config stays alone
         groups.setdefault(key, []).append(i)
     return list(groups.values())

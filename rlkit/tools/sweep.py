@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from rlkit.tools.compare import SEED_KEYS, read_config
+from rlkit.tools.compare import SEED_KEYS, read_config, with_defaults
 
 __all__ = ["parse_seeds", "seed_overrides", "plan_sweep", "config_conflicts", "write_report"]
 
@@ -90,8 +90,8 @@ def config_conflicts(plan: list[tuple[int, str]], run_dirs: list[str | Path],
     for (seed, state), d, cfg in zip(plan, map(Path, run_dirs), configs):
         if state == START:
             continue
-        saved = read_config(d / "config.yaml")
-        key = _first_difference(saved, cfg) if saved is not None else None
+        saved = read_config(d / "config.yaml", fill_defaults=True)
+        key = _first_difference(saved, with_defaults(cfg)) if saved is not None else None
         if key is not None:
             out.append(f"{d} (seed {seed}, {state}) was trained with another config: {key} differs; "
                        "rerun with the recipe and overrides it was started with, or pick another name= / --out")
