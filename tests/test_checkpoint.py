@@ -241,3 +241,38 @@ def test_export_hf_peft_adapter_and_merge(tmp_path: Path) -> None:
     reloaded.load_state_dict(loaded, strict=True)
     for k, v in plain.state_dict().items():
         assert torch.equal(v, reloaded.state_dict()[k]), k
+
+
+def test_learner_written_files_make_the_same_checkpoint(tmp_path):
+    """``write_files`` (the learner writing its part into the temporary directory) gives the checkpoint
+    that passing the states gives; ``load_trainer_state`` reads only the driver's part."""
+    from rlkit.infra.checkpoint import load_checkpoint, load_trainer_state, save_checkpoint, write_state_files
+
+    w = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2)}
+    opt, sched, ts = {"state": {0: {"m": torch.zeros(2)}}}, {"last_epoch": 3}, {"cursor": 7}
+    seen = []
+
+    def write(d):
+        seen.append(d.name)
+        assert d.name.startswith(".tmp_step_2")  # written where the checkpoint is assembled, before it is final
+        return write_state_files(d, w, opt, sched)
+
+    a = save_checkpoint(tmp_path / "a", 2, write_files=write, trainer_state=ts)
+    b = save_checkpoint(tmp_path / "b", 2, model_state=w, optimizer_state=opt, scheduler_state=sched, trainer_state=ts)
+    assert seen and sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    la, lb = load_checkpoint(a), load_checkpoint(b)
+    assert all(torch.equal(la["model_state"][k], lb["model_state"][k]) for k in w)
+    assert la["scheduler_state"] == sched and la["trainer_state"] == ts and la["step"] == 2
+    assert load_trainer_state(a) == (2, ts)
+    with pytest.raises(ValueError, match="exactly one of model_state and write_files"):
+        save_checkpoint(tmp_path / "c", 1, model_state=w, write_files=write)
+    with pytest.raises(ValueError, match="exactly one"):
+        save_checkpoint(tmp_path / "c", 1)
+
+    def broken(d):
+        (d / "model.safetensors").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):  # a failed write leaves no checkpoint behind
+        save_checkpoint(tmp_path / "d", 1, write_files=broken)
+    assert not any((tmp_path / "d" / "checkpoints").iterdir())

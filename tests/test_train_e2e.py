@@ -163,3 +163,45 @@ def test_local_ray_stays_on_loopback():
         assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
     finally:
         ray.shutdown()
+
+
+def test_checkpoints_written_by_the_learner_equal_those_pulled_through_the_driver(tiny_model_dir, tmp_path):
+    """A learner on the driver's machine writes its weights and optimizer into the checkpoint itself (the
+    driver held them twice otherwise); one on another machine sends them through the driver. Both write
+    the same checkpoint, and either restores the other's: the resumed steps match."""
+    import shutil
+
+    import torch
+
+    from rlkit.infra.checkpoint import latest_checkpoint, load_checkpoint
+    from rlkit.trainer import Trainer
+
+    class ThroughDriver(Trainer):  # as when every learner rank is on another node
+        def _setup(self):
+            super()._setup()
+            assert self.learner_local  # one machine: the learner writes its own files by default
+            self.learner_local = False
+
+    def run(cls, name, steps, src=None):
+        if src is not None:
+            shutil.copytree(tmp_path / src, tmp_path / name)
+        ov = tiny_overrides(tiny_model_dir, tmp_path, name, steps=steps) + ["eval.after=false", "checkpoint.every=1",
+                                                                            "checkpoint.export_final=false"]
+        cls(load_config(None, ov)).run()
+        return read_metrics(tmp_path / name)
+
+    run(Trainer, "local", 2)
+    run(ThroughDriver, "driver", 2)
+    a, b = (load_checkpoint(latest_checkpoint(tmp_path / n)) for n in ("local", "driver"))
+    assert a["step"] == b["step"] == 2 and set(a["model_state"]) == set(b["model_state"])
+    for k, v in a["model_state"].items():
+        assert torch.equal(v, b["model_state"][k]), k
+    sa, sb = a["optimizer_state"]["state"], b["optimizer_state"]["state"]
+    assert set(sa) == set(sb) and all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    assert a["scheduler_state"] == b["scheduler_state"]
+    assert a["trainer_state"]["cursor"] == b["trainer_state"]["cursor"]
+    # resume each from the other's checkpoint: step 3 is the same either way
+    m1 = run(ThroughDriver, "local_then_driver", 3, src="local")
+    m2 = run(Trainer, "driver_then_local", 3, src="driver")
+    assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2, 3]
+    assert_same_metrics(m1, m2, DETERMINISTIC)

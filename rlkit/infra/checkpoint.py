@@ -31,6 +31,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,9 @@ import torch
 
 __all__ = [
     "save_checkpoint",
+    "write_state_files",
     "load_checkpoint",
+    "load_trainer_state",
     "latest_checkpoint",
     "list_checkpoints",
     "capture_rng_state",
@@ -226,15 +229,31 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def write_state_files(out: str | Path, model_state: dict[str, torch.Tensor],
+                      optimizer_state: dict[str, Any] | None = None,
+                      scheduler_state: dict[str, Any] | None = None) -> list[str]:
+    """Write a learner's part of a checkpoint (weights, optimizer, scheduler) into the directory ``out``;
+    returns the file names. Run by the learner itself when it shares the run dir's machine, so the
+    state never travels through the driver (see :func:`save_checkpoint`'s ``write_files``)."""
+    out = Path(out)
+    files = [_save_model_state(model_state, out)]
+    for name, obj in (("optimizer.pt", optimizer_state), ("scheduler.pt", scheduler_state)):
+        if obj is not None:
+            torch.save(obj, out / name)
+            files.append(name)
+    return files
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
     *,
-    model_state: dict[str, torch.Tensor],
+    model_state: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
     scheduler_state: dict[str, Any] | None = None,
     trainer_state: dict[str, Any] | None = None,
     keep_last: int | None = 2,
+    write_files: Callable[[Path], list[str]] | None = None,
 ) -> Path:
     """Atomically write a checkpoint for ``step`` and return its directory.
 
@@ -247,7 +266,13 @@ def save_checkpoint(
         trainer_state: anything picklable — data cursor, :func:`capture_rng_state`, pools.
         keep_last: keep this many newest checkpoints (the new one always survives); ``None`` or
             ``<= 0`` keeps all.
+        write_files: instead of ``model_state`` / ``optimizer_state`` / ``scheduler_state``, a
+            function that writes those files into the (temporary) checkpoint directory it is given
+            and returns their names, e.g. by asking the learner to (:func:`write_state_files`).
+            The checkpoint is complete, as always, only once every file is synced and marked.
     """
+    if (write_files is None) == (model_state is None):
+        raise ValueError("save_checkpoint needs exactly one of model_state and write_files")
     step = int(step)
     ckpt_dir = Path(run_dir) / CKPT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -257,15 +282,10 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        files = [_save_model_state(model_state, tmp)]
-        for name, obj in (
-            ("optimizer.pt", optimizer_state),
-            ("scheduler.pt", scheduler_state),
-            ("trainer_state.pt", trainer_state if trainer_state is not None else {}),
-        ):
-            if obj is not None:
-                torch.save(obj, tmp / name)
-                files.append(name)
+        files = (list(write_files(tmp)) if write_files is not None
+                 else write_state_files(tmp, model_state, optimizer_state, scheduler_state))
+        torch.save(trainer_state if trainer_state is not None else {}, tmp / "trainer_state.pt")
+        files.append("trainer_state.pt")
         meta = {"step": step, "time": time.time(), "files": files}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         for name in [*files, "meta.json"]:
@@ -329,6 +349,17 @@ def load_checkpoint(
         "trainer_state": _maybe("trainer_state.pt"),
         "step": int(meta["step"]),
     }
+
+
+def load_trainer_state(path: str | Path) -> tuple[int, dict[str, Any]]:
+    """``(step, trainer_state)`` of a checkpoint directory, without loading its weights or optimizer
+    (the learner restores those itself)."""
+    path = Path(path)
+    if not (path / COMPLETE).exists():
+        raise ValueError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    f = path / "trainer_state.pt"
+    return int(meta["step"]), (torch.load(f, weights_only=False) if f.exists() else {})
 
 
 # ------------------------------------------------------------------ RNG state

@@ -83,7 +83,7 @@ class DeepSpeedLearnerGroup:
     """
 
     METHODS = ("train_step", "entropy_stats", "state_for_sync", "checkpoint_state", "load_checkpoint_state",
-               "export", "info", "compute_logprobs", "gradients", "node", "free_port",
+               "save_checkpoint_files", "restore_checkpoint_files", "export", "info", "compute_logprobs", "gradients", "node", "free_port",
                "sync_group_join", "sync_send", "sync_group_leave", "sync_plan")
 
     # about rank 0 itself (its node; a port on its address for the weight-sync group): ranks on
@@ -247,6 +247,16 @@ def describe_placement(learner: Any, pool: Any) -> str:
         by_ip.setdefault(ip, []).append(i)
     parts += [f"engine{'s' if len(ix) > 1 else ''} {','.join(map(str, ix))} on {ip}" for ip, ix in by_ip.items()]
     return " | ".join(parts)
+
+
+def learner_on_this_node(learner: Any) -> bool:
+    """Whether every learner rank runs on this process's Ray node (then it can write the run dir's
+    checkpoints itself: the run dir is on this machine)."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    ranks = getattr(learner, "ranks", None) or [learner]
+    return all(node == here for node, _ in ray.get([r.node.remote() for r in ranks]))
 
 
 def sync_weights(learner, engines, version: int) -> float:

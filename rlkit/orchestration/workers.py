@@ -203,6 +203,22 @@ class LearnerWorker:
     def load_checkpoint_state(self, state) -> None:
         self.learner.load_checkpoint_state(state)
 
+    def save_checkpoint_files(self, out_dir: str) -> list[str]:
+        """Write the weights, optimizer and scheduler into ``out_dir`` from here (DeepSpeed: every rank
+        takes part in the gather, rank 0 writes); the file names, ``[]`` on other ranks."""
+        from rlkit.infra.checkpoint import write_state_files
+
+        st = self.learner.checkpoint_state()
+        if st is None:
+            return []
+        return write_state_files(out_dir, st["model_state"], st.get("optimizer_state"), st.get("scheduler_state"))
+
+    def restore_checkpoint_files(self, path: str) -> None:
+        """Load the weights, optimizer and scheduler of the checkpoint directory ``path`` from here."""
+        from rlkit.infra.checkpoint import load_checkpoint
+
+        self.learner.load_checkpoint_state(load_checkpoint(path))
+
     def export(self, out_dir: str, tokenizer_path: str) -> str:
         return self.learner.export(out_dir, tokenizer_path)
 
