@@ -282,3 +282,11 @@ def test_rlkit_train_with_two_zero3_ranks(tiny_model_dir, tmp_path, extra):
     if extra:
         assert [x["async/staleness_max"] for x in m] == [0, 1, 1]
     assert (run / "final" / "config.json").is_file()
+    if not extra:  # one more step, resumed: both ranks restore the checkpoint rank 0 wrote
+        names = {p.name for p in sorted((run / "checkpoints").glob("step_*"))[-1].iterdir()}
+        assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.pt"} <= names
+        res = _run_cli([a if a != "train.steps=2" else "train.steps=3" for a in args])
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "resumed after step 2" in res.stdout + res.stderr
+        m3 = read_metrics(run)
+        assert [x["step"] for x in m3] == [1, 2, 3] and m3[:2] == m and m3[2]["actor/grad_norm"] > 0
