@@ -62,6 +62,10 @@ def test_peak_is_broken_down_by_role():
     assert role_of(["ray::IDLE"], "python", False) == "ray::IDLE"
     assert role_of(["/x/bin/raylet", "--flag"], "raylet", False) == "raylet"
     assert role_of(["/usr/bin/python3", "-u", "/a/b/worker.py"], "python3", False) == "python worker.py"
+    assert role_of(["python3", "-c", "from multiprocessing.spawn import spawn_main; spawn_main()"], "p", False) \
+        == "python multiprocessing"
+    assert role_of(["python3", "-c", "print(1)"], "p", False) == "python -c"
+    assert role_of(["python3", "-m", "pytest", "-q"], "p", False) == "python -m pytest"
     assert role_of(["anything"], "x", True) == "driver"
     assert format_roles({"a": 1.0, "b": 3.0, "c": 0.5}, top=2) == "b 3.00, a 1.00, other 0.50"
     mon = MemoryMonitor(interval_s=0.05).start()
@@ -75,8 +79,7 @@ def test_peak_is_broken_down_by_role():
     mon.stop()
     roles = mon.peak_roles  # taken at the peak, when the child was alive
     assert roles["driver"] > 0.01
-    child = [v for k, v in roles.items() if k != "driver"]
-    assert len(child) == 1 and child[0] > 0.2  # the child's 256 MiB under its own label
+    assert roles["python -c"] > 0.2  # the child's 256 MiB under its own label
     assert abs(sum(roles.values()) - mon.peak_pss_gib) < 1e-6
     lines = []
     peak = mon.report_peak(lines.append)

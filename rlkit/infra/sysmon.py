@@ -25,8 +25,15 @@ def role_of(cmdline: list[str], name: str, is_root: bool) -> str:
     if first.startswith("ray::"):
         return first.split(".", 1)[0].split(" ", 1)[0]
     base = os.path.basename(first.split(" ", 1)[0])
-    if base.startswith("python") and len(cmdline) > 1:  # python -m/-u script: name it by the script
-        script = next((a for a in cmdline[1:] if not a.startswith("-")), "")
+    if base.startswith("python") and len(cmdline) > 1:  # name it by what it runs
+        args = cmdline[1:]
+        for flag in ("-c", "-m"):
+            if flag in args:
+                what = args[args.index(flag) + 1] if args.index(flag) + 1 < len(args) else ""
+                if flag == "-c":  # code: multiprocessing's spawned workers run "from multiprocessing.spawn ..."
+                    return "python multiprocessing" if "multiprocessing" in what else "python -c"
+                return f"python -m {what}"
+        script = next((a for a in args if not a.startswith("-")), "")
         return f"python {os.path.basename(script)}" if script else base
     return base or name
 
