@@ -103,7 +103,8 @@ def measure(name: str, overrides: list[str], a: argparse.Namespace) -> dict:
         "example": comps[0].text if comps else "",
         "prompt_example": rows[0]["prompt"] if rows else "",
     })
-    engine.close() if hasattr(engine, "close") else None
+    if hasattr(engine, "close"):
+        engine.close()
     return res
 
 

@@ -97,9 +97,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             have = ", ".join(cfg.eval.splits) or "none; add eval.splits.<name> to the recipe"
             print(f"rlkit: --split {args.split}: no such eval.splits entry (have: {have})", file=sys.stderr)
             return 2
-        one = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"splits": {args.split: cfg.eval.splits[args.split]}})})
         try:
-            eval_rows = load_eval_splits(one, train_rows, eval_rows)[args.split]
+            eval_rows = load_eval_splits(cfg, train_rows, eval_rows, names=[args.split])[args.split]
         except ValueError as e:
             print(f"rlkit: {e}", file=sys.stderr)
             return 2

@@ -41,7 +41,8 @@ class Trainer:
             describe_placement,
             engine_kwargs,
             init_ray,
-            learner_on_this_node,
+            learner_nodes,
+            on_this_node,
             spawn_actors,
         )
 
@@ -71,8 +72,9 @@ class Trainer:
         init_ray(cfg)
         extra = {k: v for s in stage_classes for k, v in s.engine_kwargs(cfg).items()}
         self.learner, self.engines = spawn_actors(cfg, self.model_path, engine_kwargs(cfg, extra))
-        self.placement = describe_placement(self.learner, self.engines)
-        self.learner_local = learner_on_this_node(self.learner)
+        nodes = learner_nodes(self.learner)
+        self.placement = describe_placement(nodes, self.engines)
+        self.learner_local = on_this_node(nodes)
         ctx = StageContext(cfg, self.engines, self.tokenizer, self.manager, self.cursor, self.train_rows,
                            self.encode, self.run_dir, self.acc_key)
         self.stages = [s(ctx) for s in stage_classes]

@@ -76,3 +76,11 @@ def test_compare_reports_split_accuracy_with_intervals(tmp_path):
     table = format_markdown([g])
     assert "| ood acc | ood tokens |" in table
     assert "| 30.0% ± 24.8% (n=3) | 60.00 ± 0.00 (n=3) |" in table
+
+
+def test_names_loads_only_the_named_splits():
+    cfg = _cfg("eval.splits={ood: {generator: {n_terms: 4}, size: 5}, bad: {size: 8}}")
+    train, held = load_run_rows(cfg)[:2]
+    assert list(load_eval_splits(cfg, train, held, names=["ood"])) == ["ood"]  # the bad entry is not read
+    with pytest.raises(DataError, match="eval.splits.bad"):
+        load_eval_splits(cfg, train, held)

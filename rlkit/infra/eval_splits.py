@@ -22,13 +22,16 @@ def _text(prompt: Any) -> str:
     return prompt if isinstance(prompt, str) else repr(prompt)
 
 
-def load_eval_splits(cfg: Any, train: list[Row], held_out: list[Row]) -> dict[str, list[Row]]:
-    """``{name: rows}`` for every ``eval.splits`` entry (config order). Errors are one-line ``DataError``s
-    naming the ``eval.splits.<name>`` key."""
+def load_eval_splits(cfg: Any, train: list[Row], held_out: list[Row],
+                     names: list[str] | None = None) -> dict[str, list[Row]]:
+    """``{name: rows}`` for every ``eval.splits`` entry (config order), or only those in ``names``. Errors
+    are one-line ``DataError``s naming the ``eval.splits.<name>`` key."""
     d = cfg.data
     seen = {_text(r["prompt"]) for r in [*train, *held_out]}
     out: dict[str, list[Row]] = {}
     for name, sp in cfg.eval.splits.items():
+        if names is not None and name not in names:
+            continue
         key = f"eval.splits.{name}"
         if not SPLIT_NAME.match(name):
             raise DataError(f"{key}: a split name may hold letters, digits, '_' and '-' only")

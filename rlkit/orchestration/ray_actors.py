@@ -235,12 +235,18 @@ def spawn_actors(cfg: Config, model_path: str, engine_kwargs: dict[str, Any]):
     return learner, pool
 
 
-def describe_placement(learner: Any, pool: Any) -> str:
-    """Where the roles run, e.g. ``learner rank on 10.0.0.1 | engines 0,1 on 10.0.0.2``."""
+def learner_nodes(learner: Any) -> list[tuple[str, str]]:
+    """``(Ray node id, IP)`` of every learner rank, in rank order."""
     import ray
 
     ranks = getattr(learner, "ranks", None) or [learner]
-    ips = [ip for _, ip in ray.get([r.node.remote() for r in ranks])]
+    return [tuple(x) for x in ray.get([r.node.remote() for r in ranks])]
+
+
+def describe_placement(nodes: list[tuple[str, str]], pool: Any) -> str:
+    """Where the roles run (``nodes``: :func:`learner_nodes`), e.g. ``learner rank on 10.0.0.1 | engines 0,1
+    on 10.0.0.2``."""
+    ips = [ip for _, ip in nodes]
     parts = [f"learner rank{'s' if len(ips) > 1 else ''} on {', '.join(ips)}"]
     by_ip: dict[str, list[int]] = {}
     for i, ip in enumerate(getattr(pool, "nodes", [])):
@@ -249,14 +255,13 @@ def describe_placement(learner: Any, pool: Any) -> str:
     return " | ".join(parts)
 
 
-def learner_on_this_node(learner: Any) -> bool:
-    """Whether every learner rank runs on this process's Ray node (then it can write the run dir's
-    checkpoints itself: the run dir is on this machine)."""
+def on_this_node(nodes: list[tuple[str, str]]) -> bool:
+    """Whether every learner rank (``nodes``: :func:`learner_nodes`) runs on this process's Ray node (then
+    it can write the run dir's checkpoints itself: the run dir is on this machine)."""
     import ray
 
     here = ray.get_runtime_context().get_node_id()
-    ranks = getattr(learner, "ranks", None) or [learner]
-    return all(node == here for node, _ in ray.get([r.node.remote() for r in ranks]))
+    return all(node == here for node, _ in nodes)
 
 
 def sync_weights(learner, engines, version: int) -> float:
