@@ -135,8 +135,9 @@ def _eval_budgets(args, cfg, rows, encode, engine, budgets, guidance, model) -> 
     records = evaluate_budgets(cfg, rows, encode, engine.generate, budgets, proc,
                                budget_in_prompt=cfg.data.budget is not None, progress=not args.quiet)
     target = Path(args.target)
-    json_path, png_path = output_paths(args.out, target if target.is_dir() else cfg.run_dir)
-    meta = {"target": str(target), "model": model, "guidance": str(guidance) if guidance else None,
+    name = f"eval_budgets_{args.split}" if args.split else "eval_budgets"  # a split's curve beside the ID one
+    json_path, png_path = output_paths(args.out, target if target.is_dir() else cfg.run_dir, name)
+    meta = {"target": str(target), "split": args.split, "model": model, "guidance": str(guidance) if guidance else None,
             "guidance_params": dataclasses.asdict(proc.params) if proc else None, "problems": len(rows),
             "budgets": budgets, "budget_in_prompt": cfg.data.budget is not None,
             "temperature": cfg.eval.temperature, "num_samples": cfg.eval.num_samples, "seed": cfg.seed}
@@ -182,7 +183,14 @@ def _cmd_train_budget_predictor(argv: list[str]) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from rlkit.tools.compare import compare_groups, format_markdown, plot_compare
+    from rlkit.tools.compare import (
+        compare_groups,
+        format_markdown,
+        group_runs,
+        plot_compare,
+        plot_compare_budgets,
+    )
+    from rlkit.tools.diagnostics import diagnostics_table
 
     try:
         rows = compare_groups(args.run_dirs, tail=args.tail, by_seed=args.by_seed)
@@ -190,17 +198,23 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(f"rlkit: {e}", file=sys.stderr)
         return 2
     print(format_markdown(rows))
+    print("\nMethod diagnostics:\n\n" + diagnostics_table(group_runs(args.run_dirs, args.by_seed), [r["run"] for r in rows]))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     if args.png:
         print(f"wrote {plot_compare(args.run_dirs, args.png, by_seed=args.by_seed)}")
+        png = Path(args.png)
+        budgets = plot_compare_budgets(args.run_dirs, png.with_name(png.stem + "_budgets.png"), by_seed=args.by_seed)
+        if budgets is not None:
+            print(f"wrote {budgets}")
     return 0
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     """One ``rlkit train`` per seed (through ``_cmd_train``), skipping done seeds, then the grouped table."""
     from rlkit.config import config_dict, load_config
-    from rlkit.tools.compare import compare_groups, format_markdown
+    from rlkit.tools.compare import compare_groups, format_markdown, group_runs
+    from rlkit.tools.diagnostics import diagnostics_table
     from rlkit.tools.sweep import config_conflicts, parse_seeds, plan_sweep, seed_overrides, write_report
 
     overrides = [*args.overrides, *([f"output_dir={args.out}"] if args.out else [])]
@@ -230,7 +244,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             print(f"rlkit: sweep stopped at seed {seed}; rerun the same command to resume it", file=sys.stderr)
             return rc
     rows = compare_groups(run_dirs, by_seed=True)
-    table = format_markdown(rows)
+    table = format_markdown(rows) + "\n\nMethod diagnostics:\n\n" + diagnostics_table(
+        group_runs(run_dirs, by_seed=True), [r["run"] for r in rows])
     print(table)
     meta = {"recipe": str(args.recipe), "overrides": overrides, "seeds": seeds,
             "run_dirs": [str(d) for d in run_dirs], "plan": [list(p) for p in plan]}
@@ -338,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_plot)
     cp = sub.add_parser("compare", help="table (markdown) + overlaid curves of several runs; the first is the baseline")
     cp.add_argument("run_dirs", nargs="+")
-    cp.add_argument("--png", help="write the overlaid reward / accuracy / length curves here")
+    cp.add_argument("--png", help="write the overlaid reward / accuracy / length curves here (and, for runs "
+                                  "evaluated with rlkit eval --budgets, accuracy vs tokens to <stem>_budgets.png)")
     cp.add_argument("--json", help="write the table rows as JSON here")
     cp.add_argument("--tail", type=int, default=3, help="training metrics are averaged over the last N steps")
     cp.add_argument("--by-seed", action=argparse.BooleanOptionalAction, default=True,

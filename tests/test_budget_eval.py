@@ -94,6 +94,7 @@ def test_output_paths_and_table() -> None:
     assert output_paths(None, "runs/x") == (Path("runs/x/eval_budgets.json"), Path("runs/x/eval_budgets.png"))
     assert output_paths("o/r.json", "runs/x") == (Path("o/r.json"), Path("o/r.png"))
     assert output_paths("o", "runs/x")[1] == Path("o/eval_budgets.png")
+    assert output_paths(None, "runs/x", "eval_budgets_ood")[0] == Path("runs/x/eval_budgets_ood.json")
     recs = [{"mode": "unguided", "budget": 64, "accuracy": 0.25, "tokens_mean": 40.0, "truncated_rate": 0.5},
             {"mode": "guided", "budget": 64, "accuracy": 0.5, "tokens_mean": 30.25, "truncated_rate": 0.0}]
     lines = format_budget_table(recs).splitlines()

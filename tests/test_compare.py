@@ -162,13 +162,14 @@ def test_compare_cli_by_seed(tmp_path, capsys):
     runs = [_seed_run(tmp_path, f"q_s{s}", s, acc) for s, acc in zip((0, 1, 2), (0.5, 0.6, 0.7))]
     png, js = tmp_path / "g.png", tmp_path / "g.json"
     assert main(["compare", *map(str, runs), "--png", str(png), "--json", str(js)]) == 0
-    out = capsys.readouterr().out
+    out, diag = capsys.readouterr().out.split("Method diagnostics:")
     assert "± " in out and "(n=3)" in out and out.count("| q [seeds 0,1,2] |") == 1 and "| q_s" not in out
+    assert diag.count("| q [seeds 0,1,2] |") == 1
     assert png.stat().st_size > 1000
     rows = json.loads(js.read_text())
     assert len(rows) == 1 and rows[0]["acc_after_ci95"] == pytest.approx(0.2484138)
     assert main(["compare", *map(str, runs), "--no-by-seed", "--json", str(js)]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().out.split("Method diagnostics:")[0]
     assert "± " not in out and "(n=" not in out and out.count("| q_s") == 3
     assert [r["run"] for r in json.loads(js.read_text())] == ["q_s0", "q_s1", "q_s2"]
 

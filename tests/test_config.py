@@ -137,7 +137,7 @@ def test_method_recipes_share_the_quickstart_setup(name):
     assert r["engine"]["max_new_tokens"] == q["engine"]["max_new_tokens"]
 
 
-@pytest.mark.parametrize("name", ["kimi", "tempo", "spae", "hapo", "dapo"])
+@pytest.mark.parametrize("name", ["kimi", "kimi_boxed", "tempo", "spae", "hapo", "dapo"])
 def test_multistep_method_recipes_share_its_setup(name):
     """The multi-step method recipes change only the method: same data, splits, model, budget of samples."""
     q = load_config(ROOT / "recipes/multistep.yaml").model_dump()
@@ -147,6 +147,19 @@ def test_multistep_method_recipes_share_its_setup(name):
     assert {**r["train"], "mini_batches": 1} == q["train"]  # HAPO takes 4 updates of the same samples
     assert r["engine"]["max_new_tokens"] == q["engine"]["max_new_tokens"] == 128
     assert q["data"]["generator"]["n_terms"] == [2, 3] and q["eval"]["splits"]["ood"]["generator"] == {"n_terms": 4}
+
+
+def test_multistep_kimi_boxed_differs_from_kimi_only_in_the_box_and_the_ramp():
+    a = load_config(ROOT / "recipes/multistep_kimi_boxed.yaml").model_dump()
+    b = load_config(ROOT / "recipes/multistep_kimi.yaml").model_dump()
+    assert [v["params"] for v in a["reward"]["verifiers"]] == [{"require_boxed": True}, {}]
+    assert a["reward"]["length_shapers"] == [{"name": "kimi", "params": {"weight": 0.5, "delay_steps": 4,
+                                                                         "ramp_steps": 4}}]
+    for r in (a, b):
+        r.pop("name"), r["reward"].pop("length_shapers")
+        for v in r["reward"]["verifiers"]:
+            v.pop("params")
+    assert a == b
 
 
 def test_budget_penalty_boxed_is_budget_penalty_from_the_quickstart_adapter():

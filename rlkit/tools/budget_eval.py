@@ -189,14 +189,15 @@ def format_budget_table(records: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def output_paths(out: str | None, default_dir: str | Path) -> tuple[Path, Path]:
+def output_paths(out: str | None, default_dir: str | Path, name: str = REPORT_NAME) -> tuple[Path, Path]:
     """(json, png) paths: ``out`` ending in ``.json`` is the JSON file (PNG beside it, same stem);
-    any other ``out`` is a directory; None -> ``default_dir``. Names: ``eval_budgets.{json,png}``."""
+    any other ``out`` is a directory; None -> ``default_dir``. Names: ``<name>.{json,png}``
+    (``eval_budgets`` by default)."""
     if out is not None and out.endswith(".json"):
         j = Path(out)
         return j, j.with_suffix(".png")
     d = Path(out) if out is not None else Path(default_dir)
-    return d / f"{REPORT_NAME}.json", d / f"{REPORT_NAME}.png"
+    return d / f"{name}.json", d / f"{name}.png"
 
 
 def write_budget_report(

@@ -27,7 +27,7 @@ from typing import Any
 from rlkit.infra.tracking import read_metrics
 
 __all__ = ["compare_runs", "compare_groups", "group_runs", "mean_ci", "t_quantile_975", "format_markdown",
-           "plot_compare", "config_key", "read_config", "SEED_KEYS"]
+           "plot_compare", "plot_compare_budgets", "config_key", "read_config", "SEED_KEYS"]
 
 CURVES = (("reward/mean", "training reward"), ("acc/mean", "training accuracy"),
           ("response/len_mean", "response tokens"))
@@ -319,3 +319,34 @@ def plot_compare(run_dirs: list[str | Path], out: str | Path, by_seed: bool = Tr
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     return _save(fig, Path(out))
+
+
+def _budget_points(d: Path) -> dict[tuple[str, int], tuple[float, float]]:
+    """``{(mode, budget): (accuracy, tokens_mean)}`` from a run's ``eval_budgets.json`` (``rlkit eval
+    RUN --budgets ...``); empty if it has none."""
+    recs = _read_json(d / "eval_budgets.json").get("records") or []
+    return {(r["mode"], int(r["budget"])): (float(r["accuracy"]), float(r["tokens_mean"])) for r in recs
+            if isinstance(r, dict) and {"mode", "budget", "accuracy", "tokens_mean"} <= set(r)}
+
+
+def plot_compare_budgets(run_dirs: list[str | Path], out: str | Path, by_seed: bool = True) -> Path | None:
+    """Accuracy against mean tokens per token budget, one line per run (or per group of seeds: the mean
+    over the seeds that evaluated that budget), from the runs' ``eval_budgets.json``; ``None`` (nothing
+    written) when no run has one."""
+    from rlkit.tools.plot import plot_budget_curve
+
+    dirs = [Path(d) for d in run_dirs]
+    records = []
+    for g in _group_indices(dirs, by_seed):
+        members = [dirs[i] for i in g]
+        label = members[0].name if len(g) == 1 else _group_label([d.name for d in members],
+                                                                 [_seed(d) for d in members])
+        points = [_budget_points(d) for d in members]
+        for mode, budget in sorted({k for p in points for k in p}):
+            vals = [p[(mode, budget)] for p in points if (mode, budget) in p]
+            records.append({"mode": label if mode == "unguided" else f"{label} ({mode})", "budget": budget,
+                            "accuracy": statistics.fmean(v[0] for v in vals),
+                            "tokens_mean": statistics.fmean(v[1] for v in vals)})
+    if not records:
+        return None
+    return plot_budget_curve(records, out, title="held-out accuracy vs mean tokens at each token budget")
