@@ -1,13 +1,16 @@
 """Format verifiers: ``\\boxed{}`` usage and ``<think>...</think>`` structure.
 
 ``format`` rewards exactly one non-empty, brace-balanced ``\\boxed{...}``; several boxes (hedging)
-or an unbalanced one score 0. ``think_format`` rewards a single ``<think>`` block followed by a
+or an unbalanced one score 0, and so does a box that only copies a placeholder (``placeholders``, e.g.
+``["answer"]`` when the prompt asks for ``\\boxed{answer}``: a small model learns to write that box
+verbatim, which would otherwise earn the format reward without an answer). ``think_format`` rewards a single ``<think>`` block followed by a
 non-empty answer, the layout of R1-style reasoning models.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from rewards.registry import completion_text, reward
@@ -57,26 +60,48 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def has_boxed(text: str) -> bool:
-    """True if ``text`` holds at least one well-formed, non-empty ``\\boxed{...}``.
+def has_boxed(text: str, placeholders: Collection[str] = ()) -> bool:
+    """True if ``text`` holds at least one well-formed, non-empty ``\\boxed{...}`` whose content is not
+    one of ``placeholders`` (compared stripped, case-insensitively).
 
-    >>> has_boxed("so \\\\boxed{42}"), has_boxed("\\\\boxed{}")
-    (True, False)
+    >>> has_boxed("so \\\\boxed{42}"), has_boxed("\\\\boxed{}"), has_boxed("\\\\boxed{Answer}", ["answer"])
+    (True, False, False)
     """
-    return last_boxed(text) is not None
+    marks = {p.strip().lower() for p in placeholders}
+    return any(c is not None and c.strip() and c.strip().lower() not in marks for c in find_boxed(text))
+
+
+def template_placeholders(template: str | None) -> set[str]:
+    """The contents of the ``\\boxed{...}`` examples a ``str.format`` prompt template shows (``{{``
+    and ``}}`` unescaped): what a model that copies the instruction would put in its box.
+
+    >>> sorted(template_placeholders("{prompt} Give it as \\\\boxed{{answer}}."))
+    ['answer']
+    """
+    if not template:
+        return set()
+    text = template.replace("{{", "{").replace("}}", "}")
+    return {c.strip() for c in find_boxed(text) if c is not None and c.strip()}
 
 
 @reward("format")
-def boxed_format_reward(completions: list[Any], **columns: Any) -> list[float]:
-    """1.0 if a completion holds exactly one non-empty, balanced ``\\boxed{...}``, else 0.0.
+def boxed_format_reward(completions: list[Any], placeholders: Sequence[str] = (), **columns: Any) -> list[float]:
+    """1.0 if a completion holds exactly one non-empty, balanced ``\\boxed{...}`` whose content is not
+    one of ``placeholders`` (stripped, case-insensitive), else 0.0.
 
     >>> boxed_format_reward(["\\\\boxed{7}", "\\\\boxed{7} or \\\\boxed{8}", "\\\\boxed{7", "7"])
     [1.0, 0.0, 0.0, 0.0]
+    >>> boxed_format_reward(["\\\\boxed{answer}", "\\\\boxed{7}"], placeholders=["answer"])
+    [0.0, 1.0]
     """
+    if isinstance(placeholders, str):
+        raise TypeError(f"format: placeholders must be a list of strings, got the string {placeholders!r}")
+    marks = {str(p).strip().lower() for p in placeholders}
     out = []
     for completion in completions:
         boxes = find_boxed(completion_text(completion))
-        ok = len(boxes) == 1 and boxes[0] is not None and bool(boxes[0].strip())
+        ok = (len(boxes) == 1 and boxes[0] is not None and bool(boxes[0].strip())
+              and boxes[0].strip().lower() not in marks)
         out.append(1.0 if ok else 0.0)
     return out
 

@@ -150,9 +150,10 @@ def test_multistep_method_recipes_share_its_setup(name):
 
 
 def test_multistep_kimi_boxed_differs_from_kimi_only_in_the_box_and_the_ramp():
+    """Boxed-only math, the placeholder box refused by format, the delayed ramp: nothing else."""
     a = load_config(ROOT / "recipes/multistep_kimi_boxed.yaml").model_dump()
     b = load_config(ROOT / "recipes/multistep_kimi.yaml").model_dump()
-    assert [v["params"] for v in a["reward"]["verifiers"]] == [{"require_boxed": True}, {}]
+    assert [v["params"] for v in a["reward"]["verifiers"]] == [{"require_boxed": True}, {"placeholders": ["answer"]}]
     assert a["reward"]["length_shapers"] == [{"name": "kimi", "params": {"weight": 0.5, "delay_steps": 4,
                                                                          "ramp_steps": 4}}]
     for r in (a, b):

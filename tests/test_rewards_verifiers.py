@@ -72,6 +72,23 @@ def test_format_reward_and_helpers():
     assert has_boxed("x \\boxed{1}") and not has_boxed("\\boxed{ }")
 
 
+def test_format_refuses_a_copied_placeholder_box():
+    """The prompt asks for \\boxed{answer}; a model that writes exactly that has given no answer."""
+    from rewards import resolve
+    from rewards.format import template_placeholders
+
+    texts = ["so \\boxed{answer}.", "\\boxed{ Answer }", "\\boxed{12}", "\\boxed{answer} \\boxed{12}"]
+    assert boxed_format_reward(texts) == [1.0, 1.0, 1.0, 0.0]  # without placeholders: any one box
+    assert boxed_format_reward(texts, placeholders=["answer"]) == [0.0, 0.0, 1.0, 0.0]
+    assert resolve("format", {"placeholders": ["answer"]})(texts) == [0.0, 0.0, 1.0, 0.0]  # as a recipe sets it
+    with pytest.raises(TypeError, match="list of strings"):
+        boxed_format_reward(texts, placeholders="answer")
+    assert [has_boxed(t, ["answer"]) for t in texts] == [False, False, True, True]
+    marks = template_placeholders("{prompt}\nThink briefly, then give the final number as \\boxed{{answer}}.")
+    assert marks == {"answer"}
+    assert template_placeholders("{prompt} Put it in \\boxed{{}}.") == set() and template_placeholders(None) == set()
+
+
 def test_think_format_reward():
     completions = [
         "<think>2+2 is 4</think>\n\\boxed{4}",

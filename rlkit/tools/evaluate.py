@@ -34,12 +34,15 @@ def evaluate_rows(
 ) -> dict[str, float]:
     """Sample ``eval.num_samples`` completions per row and score them with the math verifier.
 
+    ``format_rate``: answers with a non-empty ``\\boxed{}`` other than a copy of the box the prompt
+    template shows as its example (``\\boxed{answer}`` is not an answer).
+
     ``max_new_tokens`` overrides ``eval.max_new_tokens``; ``budget`` is put on every request
     (budget guidance acts on it); ``request_meta`` is copied into every request's ``meta`` (e.g.
     ``{"logits_processors": [...]}``); ``on_batch(rows_done)`` is called after each batch.
     """
     from rewards import resolve
-    from rewards.format import has_boxed
+    from rewards.format import has_boxed, template_placeholders
     from rlkit.loop.experience import sampling_params
 
     e = cfg.eval
@@ -59,6 +62,7 @@ def evaluate_rows(
         if on_batch is not None:
             on_batch(len(chunk))
     math_fn = resolve("math")
+    marks = template_placeholders(cfg.data.prompt_template)
     texts = [c.text for c in comps]
     answers = [r["answer"] for r in rows for _ in range(n)]
     correct = [1.0 if (x or 0.0) >= 1.0 else 0.0 for x in math_fn(texts, answer=answers)]
@@ -67,7 +71,8 @@ def evaluate_rows(
     out = {
         "problems": float(len(rows)),
         "accuracy": statistics.fmean(correct) if correct else 0.0,
-        "format_rate": statistics.fmean(1.0 if has_boxed(t) else 0.0 for t in texts) if texts else 0.0,
+        # a box that only copies the prompt template's example (\boxed{answer}) is not an answer
+        "format_rate": statistics.fmean(1.0 if has_boxed(t, marks) else 0.0 for t in texts) if texts else 0.0,
         "tokens_mean": statistics.fmean(lens) if lens else 0.0,
         "tokens_median": float(statistics.median(lens)) if lens else 0.0,
         "truncated_rate": statistics.fmean(c.truncated for c in comps) if comps else 0.0,
