@@ -84,8 +84,7 @@ def template_placeholders(template: str | None) -> set[str]:
     return {c.strip() for c in find_boxed(text) if c is not None and c.strip()}
 
 
-@reward("format")
-def boxed_format_reward(completions: list[Any], placeholders: Sequence[str] = (), **columns: Any) -> list[float]:
+def boxed_format_reward(completions: list[Any], placeholders: Collection[str] = (), **columns: Any) -> list[float]:
     """1.0 if a completion holds exactly one non-empty, balanced ``\\boxed{...}`` whose content is not
     one of ``placeholders`` (stripped, case-insensitive), else 0.0.
 
@@ -94,8 +93,6 @@ def boxed_format_reward(completions: list[Any], placeholders: Sequence[str] = ()
     >>> boxed_format_reward(["\\\\boxed{answer}", "\\\\boxed{7}"], placeholders=["answer"])
     [0.0, 1.0]
     """
-    if isinstance(placeholders, str):
-        raise TypeError(f"format: placeholders must be a list of strings, got the string {placeholders!r}")
     marks = {str(p).strip().lower() for p in placeholders}
     out = []
     for completion in completions:
@@ -104,6 +101,24 @@ def boxed_format_reward(completions: list[Any], placeholders: Sequence[str] = ()
               and boxes[0].strip().lower() not in marks)
         out.append(1.0 if ok else 0.0)
     return out
+
+
+@reward("format")
+class BoxedFormat:
+    """Registered form of :func:`boxed_format_reward`; ``placeholders`` is checked when it is built, so a
+    recipe's mistake (a string, a misspelt key) is a config error, not a failure at every step.
+
+    >>> BoxedFormat(placeholders=["answer"])(["\\\\boxed{answer}", "\\\\boxed{7}"])
+    [0.0, 1.0]
+    """
+
+    def __init__(self, placeholders: Sequence[str] = ()) -> None:
+        if isinstance(placeholders, str) or not all(isinstance(p, str) for p in placeholders):
+            raise TypeError(f"format: placeholders must be a list of strings, e.g. [answer]; got {placeholders!r}")
+        self.placeholders = tuple(placeholders)
+
+    def __call__(self, completions: list[Any], **columns: Any) -> list[float]:
+        return boxed_format_reward(completions, placeholders=self.placeholders)
 
 
 @reward("think_format")

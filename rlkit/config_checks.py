@@ -190,6 +190,7 @@ def check_registries(cfg: Config) -> None:
                 + (f"; did you mean '{hint}'?" if hint else "")
                 + f" (registered: {', '.join(known)})"
             )
+        _check_verifier_params(i, v.name, v.params)
     _check_sandbox(cfg, known)
     labels = [v.label or (v.name.rpartition(":")[2] if ":" in v.name else v.name) for v in cfg.reward.verifiers]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
@@ -228,3 +229,28 @@ def _check_plugin_params(cfg: Config) -> None:
         except (ValueError, TypeError, KeyError) as e:
             msg = e.args[0] if e.args else str(e)
             raise ConfigError(f"{key}: {msg}") from None
+
+
+def _check_verifier_params(i: int, name: str, params: dict) -> None:
+    """A registered verifier's ``params``: names its signature does not take are refused; rlkit's own
+    verifier classes are built (cheap, no ``setup()``) so their value checks run here too. Plugin classes
+    are not built (their constructor may be costly); entry points are checked by the reward workers."""
+    import inspect
+
+    import rewards
+
+    if not params or name not in rewards.list_rewards():
+        return
+    obj = rewards.registry.lookup(name)
+    try:
+        if inspect.isclass(obj) and obj.__module__.startswith("rewards."):
+            obj(**params)
+        elif inspect.isclass(obj):
+            inspect.signature(obj).bind_partial(**params)
+        else:  # a function: params are extra keyword arguments of every call
+            accepted = rewards.registry._accepted_columns(obj)
+            unknown = sorted(set(params) - accepted) if accepted is not None else []
+            if unknown:
+                raise TypeError(f"{name} takes no keyword argument(s) {unknown}")
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"reward.verifiers.{i}.params: {e}") from None

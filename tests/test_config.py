@@ -74,6 +74,17 @@ def test_unknown_registered_names_suggest():
         load_config(None, ["reward.verifiers=[{name: maths}]"])
 
 
+
+def test_verifier_params_are_checked_at_load():
+    """A misspelt or mistyped verifier param is a one-line config error, not a failure at every step."""
+    with pytest.raises(ConfigError, match=r"reward.verifiers.0.params: .*require_boxd"):
+        load_config(None, ["reward.verifiers=[{name: math, params: {require_boxd: true}}]"])
+    with pytest.raises(ConfigError, match=r"reward.verifiers.0.params: format: placeholders must be a list"):
+        load_config(None, ["reward.verifiers=[{name: format, params: {placeholders: answer}}]"])
+    cfg = load_config(None, ["reward.verifiers=[{name: format, params: {placeholders: [answer]}}]"])
+    assert cfg.reward.verifiers[0].params == {"placeholders": ["answer"]}
+
+
 def test_missing_group_suggests(tmp_path):
     r = tmp_path / "recipes" / "x.yaml"
     r.parent.mkdir()

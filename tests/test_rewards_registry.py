@@ -235,3 +235,15 @@ def test_example_recipe_validates_and_scores(monkeypatch, capsys):
     assert per["no_repetition"] == pytest.approx([1.0, 1 / 3])  # ran in the sandbox
     assert total == pytest.approx([1.0 + 0.1 + 0.2, 0.1 + 0.2 / 3])
     assert rm.sandbox_limits.max_output_bytes == 256 * 1024 and rm.batch_deadline_s == 120
+
+
+def test_config_refuses_a_param_a_registered_function_does_not_take():
+    from rlkit.compose import ConfigError
+    from rlkit.config import load_config
+
+    @reward("cfg_check_strict_fn")
+    def strict(completions, answer):  # no **kwargs: only the columns it names
+        return [1.0] * len(completions)
+
+    with pytest.raises(ConfigError, match=r"reward.verifiers.0.params: cfg_check_strict_fn takes no keyword argument"):
+        load_config(None, ["reward.verifiers=[{name: cfg_check_strict_fn, params: {scale: 2}}]"])

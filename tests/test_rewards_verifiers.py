@@ -82,7 +82,9 @@ def test_format_refuses_a_copied_placeholder_box():
     assert boxed_format_reward(texts, placeholders=["answer"]) == [0.0, 0.0, 1.0, 0.0]
     assert resolve("format", {"placeholders": ["answer"]})(texts) == [0.0, 0.0, 1.0, 0.0]  # as a recipe sets it
     with pytest.raises(TypeError, match="list of strings"):
-        boxed_format_reward(texts, placeholders="answer")
+        resolve("format", {"placeholders": "answer"})
+    with pytest.raises(TypeError, match="cannot build BoxedFormat"):
+        resolve("format", {"placeholder": ["answer"]})  # misspelt: refused, not silently ignored
     assert [has_boxed(t, ["answer"]) for t in texts] == [False, False, True, True]
     marks = template_placeholders("{prompt}\nThink briefly, then give the final number as \\boxed{{answer}}.")
     assert marks == {"answer"}
