@@ -33,6 +33,11 @@ def test_compare_rows_and_table(tmp_path):
     assert rows[1]["train_reward_tail"] == pytest.approx(0.5) and rows[1]["train_tokens_tail"] == pytest.approx(35.0)
     assert rows[0]["steps"] == 4 and rows[0]["step_time_s"] == pytest.approx(120.0)
     assert rows[0]["peak_pss_gib"] == pytest.approx(5.4)
+    # a resumed run's summary saw only the last process: the larger of it and the steps' peaks counts
+    (a / "summary.json").write_text(json.dumps({"peak_memory_gib": {"pss": 3.0}}))
+    assert compare_runs([a])[0]["peak_pss_gib"] == pytest.approx(5.4)
+    (a / "summary.json").write_text(json.dumps({"peak_memory_gib": {"pss": 6.5}}))
+    assert compare_runs([a])[0]["peak_pss_gib"] == pytest.approx(6.5)
     table = format_markdown(rows)
     assert "| short | grpo / ppo_clip / kimi | 4 | 25.0% → 45.0% |" in table
     assert "| -40% |" in table  # 24 tokens vs the baseline's 40

@@ -137,6 +137,9 @@ def compare_runs(run_dirs: list[str | Path], tail: int = 3) -> list[dict[str, An
         before, after = _read_json(d / "eval_before.json"), _read_json(d / "eval_after.json")
         summary = _read_json(d / "summary.json")
         peaks = [r["sys/mem_pss_peak_gib"] for r in recs if isinstance(r.get("sys/mem_pss_peak_gib"), (int, float))]
+        summary_pss = (summary.get("peak_memory_gib") or {}).get("pss")
+        if isinstance(summary_pss, (int, float)):  # a resumed run's summary saw only its last process
+            peaks.append(summary_pss)
         rows.append({
             "run": d.name,
             "method": _method(d / "config.yaml"),
@@ -150,7 +153,7 @@ def compare_runs(run_dirs: list[str | Path], tail: int = 3) -> list[dict[str, An
             "train_reward_tail": _tail_mean(recs, "reward/mean", tail),
             "train_tokens_tail": _tail_mean(recs, "response/len_mean", tail),
             "step_time_s": sum(float(r.get("time/step_s", 0.0)) for r in recs),
-            "peak_pss_gib": (summary.get("peak_memory_gib") or {}).get("pss") or (max(peaks) if peaks else None),
+            "peak_pss_gib": max(peaks, default=None),
             **_split_values(d),
         })
     return rows
