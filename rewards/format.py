@@ -67,8 +67,17 @@ def has_boxed(text: str, placeholders: Collection[str] = ()) -> bool:
     >>> has_boxed("so \\\\boxed{42}"), has_boxed("\\\\boxed{}"), has_boxed("\\\\boxed{Answer}", ["answer"])
     (True, False, False)
     """
-    marks = {p.strip().lower() for p in placeholders}
-    return any(c is not None and c.strip() and c.strip().lower() not in marks for c in find_boxed(text))
+    marks = _marks(placeholders)
+    return any(_is_answer(c, marks) for c in find_boxed(text))
+
+
+def _marks(placeholders: Collection[str]) -> set[str]:
+    return {str(p).strip().lower() for p in placeholders}
+
+
+def _is_answer(content: str | None, marks: set[str]) -> bool:
+    """A balanced, non-empty box content that is not a placeholder (``marks``: :func:`_marks`)."""
+    return content is not None and bool(content.strip()) and content.strip().lower() not in marks
 
 
 def template_placeholders(template: str | None) -> set[str]:
@@ -81,7 +90,7 @@ def template_placeholders(template: str | None) -> set[str]:
     if not template:
         return set()
     text = template.replace("{{", "{").replace("}}", "}")
-    return {c.strip() for c in find_boxed(text) if c is not None and c.strip()}
+    return {c.strip() for c in find_boxed(text) if _is_answer(c, set())}
 
 
 def boxed_format_reward(completions: list[Any], placeholders: Collection[str] = (), **columns: Any) -> list[float]:
@@ -93,13 +102,11 @@ def boxed_format_reward(completions: list[Any], placeholders: Collection[str] = 
     >>> boxed_format_reward(["\\\\boxed{answer}", "\\\\boxed{7}"], placeholders=["answer"])
     [0.0, 1.0]
     """
-    marks = {str(p).strip().lower() for p in placeholders}
+    marks = _marks(placeholders)
     out = []
     for completion in completions:
         boxes = find_boxed(completion_text(completion))
-        ok = (len(boxes) == 1 and boxes[0] is not None and bool(boxes[0].strip())
-              and boxes[0].strip().lower() not in marks)
-        out.append(1.0 if ok else 0.0)
+        out.append(1.0 if len(boxes) == 1 and _is_answer(boxes[0], marks) else 0.0)
     return out
 
 

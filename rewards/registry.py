@@ -190,12 +190,10 @@ def resolve(spec: str, params: Mapping[str, Any] | None = None) -> RewardFn:
         return _wrap(instance, spec, {})
     if not callable(obj):
         raise TypeError(f"reward {spec!r} resolved to a non-callable {type(obj).__name__}")
-    if params:
-        accepted = _accepted_columns(obj)
-        unknown = sorted(set(params) - accepted) if accepted is not None else []
-        if unknown:
-            raise TypeError(f"reward {spec!r} does not accept params {unknown} (its keyword arguments: "
-                            f"{sorted(accepted or ())}; add them, or **kwargs)")  # fmt: skip
+    unknown = unknown_params(obj, params)
+    if unknown:
+        raise TypeError(f"reward {spec!r} does not accept params {unknown} (its keyword arguments: "
+                        f"{sorted(_accepted_columns(obj) or ())}; add them, or **kwargs)")  # fmt: skip
     return _wrap(obj, spec, params)
 
 
@@ -259,6 +257,15 @@ def _wrap(fn: Callable[..., Any], spec: str, params: dict[str, Any]) -> RewardFn
     verifier.__wrapped__ = fn  # type: ignore[attr-defined]
     verifier.spec = spec  # type: ignore[attr-defined]
     return verifier
+
+
+def unknown_params(fn: Callable[..., Any], params: Mapping[str, Any] | None) -> list[str]:
+    """The ``params`` a verifier *function* cannot take as keyword arguments (sorted; none when it
+    takes ``**kwargs``, which also receives the dataset columns)."""
+    if not params:
+        return []
+    accepted = _accepted_columns(fn)
+    return sorted(set(params) - accepted) if accepted is not None else []
 
 
 def _accepted_columns(fn: Callable[..., Any]) -> set[str] | None:

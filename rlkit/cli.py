@@ -125,6 +125,7 @@ def _eval_budgets(args, cfg, rows, encode, engine, budgets, guidance, model) -> 
     """``rlkit eval --budgets``: accuracy / mean tokens per budget, unguided vs guided; JSON + PNG."""
     from rlkit.methods.budget_guidance import build_guidance
     from rlkit.tools.budget_eval import (
+        REPORT_NAME,
         evaluate_budgets,
         format_budget_table,
         output_paths,
@@ -135,7 +136,7 @@ def _eval_budgets(args, cfg, rows, encode, engine, budgets, guidance, model) -> 
     records = evaluate_budgets(cfg, rows, encode, engine.generate, budgets, proc,
                                budget_in_prompt=cfg.data.budget is not None, progress=not args.quiet)
     target = Path(args.target)
-    name = f"eval_budgets_{args.split}" if args.split else "eval_budgets"  # a split's curve beside the ID one
+    name = f"{REPORT_NAME}_{args.split}" if args.split else REPORT_NAME  # a split's curve beside the ID one
     json_path, png_path = output_paths(args.out, target if target.is_dir() else cfg.run_dir, name)
     meta = {"target": str(target), "split": args.split, "model": model, "guidance": str(guidance) if guidance else None,
             "guidance_params": dataclasses.asdict(proc.params) if proc else None, "problems": len(rows),

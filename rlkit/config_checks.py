@@ -247,10 +247,7 @@ def _check_verifier_params(i: int, name: str, params: dict) -> None:
             obj(**params)
         elif inspect.isclass(obj):
             inspect.signature(obj).bind_partial(**params)
-        else:  # a function: params are extra keyword arguments of every call
-            accepted = rewards.registry._accepted_columns(obj)
-            unknown = sorted(set(params) - accepted) if accepted is not None else []
-            if unknown:
-                raise TypeError(f"{name} takes no keyword argument(s) {unknown}")
+        elif unknown := rewards.registry.unknown_params(obj, params):  # a function: extra call kwargs
+            raise TypeError(f"{name} takes no keyword argument(s) {unknown}")
     except (TypeError, ValueError) as e:
         raise ConfigError(f"reward.verifiers.{i}.params: {e}") from None

@@ -327,7 +327,9 @@ def plot_compare(run_dirs: list[str | Path], out: str | Path, by_seed: bool = Tr
 def _budget_points(d: Path) -> dict[tuple[str, int], tuple[float, float]]:
     """``{(mode, budget): (accuracy, tokens_mean)}`` from a run's ``eval_budgets.json`` (``rlkit eval
     RUN --budgets ...``); empty if it has none."""
-    recs = _read_json(d / "eval_budgets.json").get("records") or []
+    from rlkit.tools.budget_eval import REPORT_NAME
+
+    recs = _read_json(d / f"{REPORT_NAME}.json").get("records") or []
     return {(r["mode"], int(r["budget"])): (float(r["accuracy"]), float(r["tokens_mean"])) for r in recs
             if isinstance(r, dict) and {"mode", "budget", "accuracy", "tokens_mean"} <= set(r)}
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Any
 
 from rlkit.infra.tracking import read_metrics
 
@@ -74,8 +73,6 @@ def format_diagnostics(labelled: list[tuple[str, dict[str, dict[str, float]]]]) 
 
 
 def diagnostics_table(groups: list[list[Path]], labels: list[str]) -> str:
-    """``format_diagnostics`` of ``compare``'s groups (one run, or the seeds of one config, per row)."""
-    rows: list[tuple[str, Any]] = []
-    for g, label in zip(groups, labels):
-        rows.append((label, run_diagnostics(g[0]) if len(g) == 1 else group_diagnostics(g)))
-    return format_diagnostics(rows)
+    """``format_diagnostics`` of ``compare``'s groups (one run, or the seeds of one config, per row; a
+    group of one is that run's own values)."""
+    return format_diagnostics([(label, group_diagnostics(g)) for g, label in zip(groups, labels)])
