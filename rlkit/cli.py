@@ -192,6 +192,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         plot_compare_budgets,
     )
     from rlkit.tools.diagnostics import diagnostics_table
+    from rlkit.tools.paired import format_paired, paired_differences
 
     try:
         rows = compare_groups(args.run_dirs, tail=args.tail, by_seed=args.by_seed)
@@ -199,6 +200,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(f"rlkit: {e}", file=sys.stderr)
         return 2
     print(format_markdown(rows))
+    paired = format_paired(paired_differences(args.run_dirs), rows[0]["run"]) if args.by_seed else ""
+    if paired:
+        print("\n" + paired)
     print("\nMethod diagnostics:\n\n" + diagnostics_table(group_runs(args.run_dirs, args.by_seed), [r["run"] for r in rows]))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -27,7 +27,7 @@ from typing import Any
 from rlkit.infra.tracking import read_metrics
 
 __all__ = ["compare_runs", "compare_groups", "group_runs", "mean_ci", "t_quantile_975", "format_markdown",
-           "plot_compare", "plot_compare_budgets", "config_key", "read_config", "SEED_KEYS"]
+           "plot_compare", "plot_compare_budgets", "config_key", "read_config", "run_seed", "split_names", "SEED_KEYS"]
 
 CURVES = (("reward/mean", "training reward"), ("acc/mean", "training accuracy"),
           ("response/len_mean", "response tokens"))
@@ -196,7 +196,8 @@ def group_runs(run_dirs: list[str | Path], by_seed: bool = True) -> list[list[Pa
     return [[dirs[i] for i in g] for g in _group_indices(dirs, by_seed)]
 
 
-def _seed(d: Path) -> int | None:
+def run_seed(d: Path) -> int | None:
+    """The ``seed`` in the run dir's saved config (``None`` if missing or not an integer)."""
     s = (read_config(d / "config.yaml") or {}).get("seed")
     return s if isinstance(s, int) else None
 
@@ -209,7 +210,7 @@ def _group_label(names: list[str], seeds: list[int | None]) -> str:
 
 def _aggregate(rows: list[dict[str, Any]], dirs: list[Path]) -> dict[str, Any]:
     """One row for a group of seeds: ``key`` = mean, ``key_ci95`` = half-width, ``key_n`` = runs with a value."""
-    seeds = [_seed(d) for d in dirs]
+    seeds = [run_seed(d) for d in dirs]
     steps = sorted({r["steps"] for r in rows})
     out: dict[str, Any] = {
         "run": _group_label([r["run"] for r in rows], seeds),
@@ -315,7 +316,7 @@ def plot_compare(run_dirs: list[str | Path], out: str | Path, by_seed: bool = Tr
                 continue
             steps, mean, lo, hi = _mean_band([recs[d] for d in g], key)
             if steps:
-                label = _group_label([d.name for d in g], [_seed(d) for d in g])
+                label = _group_label([d.name for d in g], [run_seed(d) for d in g])
                 _draw(ax, (steps, mean), f"{label}: mean, band min–max over {len(g)} seeds")
                 ax.fill_between(steps, lo, hi, color=ax.lines[-1].get_color(), alpha=0.2, linewidth=0)
         _finish(ax, title)
@@ -345,7 +346,7 @@ def plot_compare_budgets(run_dirs: list[str | Path], out: str | Path, by_seed: b
     for g in _group_indices(dirs, by_seed):
         members = [dirs[i] for i in g]
         label = members[0].name if len(g) == 1 else _group_label([d.name for d in members],
-                                                                 [_seed(d) for d in members])
+                                                                 [run_seed(d) for d in members])
         points = [_budget_points(d) for d in members]
         for mode, budget in sorted({k for p in points for k in p}):
             vals = [p[(mode, budget)] for p in points if (mode, budget) in p]
