@@ -14,7 +14,8 @@ terms are kept untouched. Shapers compose left to right (each sees the previous 
 Registered shapers (``SHAPERS.names()``):
 
 - ``dapo_overlong`` (§6e) soft overlong punishment;
-- ``kimi`` (§6d) group length penalty with a delay/linear warm-up of its weight [warm-up INFERRED];
+- ``kimi`` (§6d) group length penalty with a delay/linear warm-up of its weight [warm-up INFERRED]
+  (every shaper takes the same schedule as ``warmup: {delay_steps, ramp_steps}`` beside its params);
 - ``l1_exact`` / ``l1_max`` / ``l1_dual`` (§6f) LCPO rewards against the budget written into the
   prompt (see :mod:`rewards.budget_prompt`); ``l1_dual`` picks Exact or Max per row by its budget
   kind, the paper's dual objective;
@@ -45,28 +46,15 @@ from rewards.shaping import (
     SHAPERS,
     LengthContext,
     LengthShaper,
+    Warmup,
     build_dataclass,
     register_shaper,
 )
 
 __all__ = [
-    "SHAPERS",
-    "HAPO_NULL_LEN",
-    "BudgetPenaltyParams",
-    "DAPOOverlongParams",
-    "HAPOHistoryParams",
-    "KimiParams",
-    "L1Params",
-    "LengthContext",
-    "LengthShaper",
-    "LengthShaping",
-    "build_dataclass",
-    "build_shaper",
-    "dapo_overlong_penalty",
-    "hapo_length_reward",
-    "kimi_length_rewards",
-    "l1_exact_reward",
-    "l1_max_reward",
+    "SHAPERS", "HAPO_NULL_LEN", "BudgetPenaltyParams", "DAPOOverlongParams", "HAPOHistoryParams", "KimiParams",
+    "L1Params", "LengthContext", "LengthShaper", "LengthShaping", "Warmup", "build_dataclass", "build_shaper",
+    "dapo_overlong_penalty", "hapo_length_reward", "kimi_length_rewards", "l1_exact_reward", "l1_max_reward",
     "register_shaper",
 ]
 
@@ -208,9 +196,9 @@ class DAPOOverlong(LengthShaper):
 class KimiParams:
     """§6d. ``weight`` multiplies the length reward [INFERRED default 1.0].
 
-    Warm-up [INFERRED: the report delays the penalty, schedule unpublished]: the weight is 0 for
-    steps ``<= delay_steps``, then ramps linearly to ``weight`` over ``ramp_steps`` steps
-    (``ramp_steps = 0``: full weight right after the delay).
+    Warm-up [INFERRED: the report delays the penalty, schedule unpublished]: ``delay_steps`` and
+    ``ramp_steps`` apply the :class:`~rewards.shaping.Warmup` schedule to ``weight``; the same as a
+    ``warmup`` beside the params, which every shaper takes.
     """
 
     weight: float = 1.0
@@ -227,12 +215,7 @@ class KimiParams:
         >>> [KimiParams(1.0, delay_steps=2, ramp_steps=2).weight_at(s) for s in (1, 2, 3, 4, 5)]
         [0.0, 0.0, 0.5, 1.0, 1.0]
         """
-        since = step - self.delay_steps
-        if since <= 0:
-            return 0.0
-        if self.ramp_steps == 0:
-            return self.weight
-        return self.weight * min(1.0, since / self.ramp_steps)
+        return self.weight * Warmup(self.delay_steps, self.ramp_steps).factor(step)
 
 
 @register_shaper("kimi", KimiParams)
@@ -445,25 +428,31 @@ def build_shaper(name: str, params: Mapping[str, Any] | None = None) -> LengthSh
 class LengthShaping:
     """An ordered list of shapers applied after the verifiers; its state goes into checkpoints.
 
+    Each shaper may have a :class:`~rewards.shaping.Warmup` (``warmup: {delay_steps, ramp_steps}`` beside
+    its ``params``) that scales its terms by the schedule's factor at the batch's step.
+
     >>> s = LengthShaping.from_config([{"name": "l1_exact"}])
     >>> s(LengthContext(rewards=[1.0], correct=[True], lengths=[1500], max_len=4000, budgets=[1000]))[0]
     [0.85]
     """
 
     shapers: list[LengthShaper] = field(default_factory=list)
+    warmups: list[Warmup] = field(default_factory=list)  # one per shaper; missing = no warm-up
 
     @classmethod
     def from_config(cls, specs: Sequence[Mapping[str, Any]] | None) -> LengthShaping:
-        """Build from ``[{"name": ..., "params": {...}}, ...]`` (e.g. ``reward.length_shapers``)."""
-        shapers = []
+        """Build from ``[{"name": ..., "params": {...}, "warmup": {...}}, ...]`` (``reward.length_shapers``)."""
+        shapers, warmups = [], []
         for i, spec in enumerate(specs or []):
-            extra = sorted(set(spec) - {"name", "params"})
+            extra = sorted(set(spec) - {"name", "params", "warmup"})
             if "name" not in spec or extra:
                 raise ValueError(
-                    f"length_shapers[{i}] must be {{name: ..., params: {{...}}}}, got keys {sorted(spec)}"
+                    f"length_shapers[{i}] must be {{name: ..., params: {{...}}, warmup: {{...}}}} (params and "
+                    f"warmup optional), got keys {sorted(spec)}"
                 )
             shapers.append(build_shaper(spec["name"], spec.get("params")))
-        return cls(shapers)
+            warmups.append(build_dataclass(Warmup, spec.get("warmup"), f"length_shapers[{i}].warmup"))
+        return cls(shapers, warmups)
 
     def __bool__(self) -> bool:
         return bool(self.shapers)
@@ -471,8 +460,13 @@ class LengthShaping:
     def __call__(self, ctx: LengthContext) -> tuple[list[float], dict[str, float]]:
         """Apply every shaper in order; returns (rewards_B, metrics)."""
         metrics: dict[str, float] = {}
-        for shaper in self.shapers:
+        for i, shaper in enumerate(self.shapers):
             terms = shaper.terms(ctx)
+            warmup = self.warmups[i] if i < len(self.warmups) else Warmup()
+            if warmup:
+                f = warmup.factor(ctx.step)
+                terms = [f * t for t in terms]
+                metrics[f"length/{shaper.name}/warmup"] = f
             metrics.update(shaper.metrics(ctx, terms))
             shaper.update(ctx)
             ctx = dataclasses.replace(ctx, rewards=[float(r) + t for r, t in zip(ctx.rewards, terms)])

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from rlkit.common import Registry, build_dataclass, nearest
 
-__all__ = ["SHAPERS", "LengthContext", "LengthShaper", "ShaperRegistry", "build_dataclass", "nearest",
+__all__ = ["SHAPERS", "LengthContext", "LengthShaper", "ShaperRegistry", "Warmup", "build_dataclass", "nearest",
            "register_shaper"]
 
 # ----------------------------------------------------------------------------- batch context
@@ -80,6 +80,42 @@ class LengthContext:
                 "enable data.budget so every prompt gets one"
             )
         return [int(b) for b in budgets]  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- warm-up
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """Length pressure that starts late: a shaper's terms are scaled by :meth:`factor`, 0 for steps
+    ``<= delay_steps``, then rising linearly to 1 over ``ramp_steps`` steps (``ramp_steps = 0``: full
+    strength right after the delay). From the base model, a length penalty that binds at once can
+    shorten answers before the format reward has taught them the answer box; a delay lets the box come
+    first. The default (no delay, no ramp) is full strength from step 1.
+    """
+
+    delay_steps: int = 0
+    ramp_steps: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("delay_steps", "ramp_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"warmup.{name} must be an integer >= 0, got {value!r}")
+
+    def __bool__(self) -> bool:
+        return bool(self.delay_steps or self.ramp_steps)
+
+    def factor(self, step: int) -> float:
+        """Strength at 1-based ``step``.
+
+        >>> [Warmup(delay_steps=2, ramp_steps=2).factor(s) for s in (1, 2, 3, 4, 5)]
+        [0.0, 0.0, 0.5, 1.0, 1.0]
+        """
+        since = step - self.delay_steps
+        if since <= 0:
+            return 0.0
+        return 1.0 if self.ramp_steps == 0 else min(1.0, since / self.ramp_steps)
 
 
 # ----------------------------------------------------------------------------- registry

@@ -282,7 +282,8 @@ class RewardConfig(_Section):
     length_shapers: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Length-aware reward terms applied after the verifiers, in order: "
-        "[{name: kimi|l1_exact|l1_max|l1_dual|hapo_history|budget_penalty|dapo_overlong, params: {...}}].",
+        "[{name: kimi|l1_exact|l1_max|l1_dual|hapo_history|budget_penalty|dapo_overlong, params: {...}, "
+        "warmup: {delay_steps, ramp_steps}}] (warmup: the terms are 0 up to delay_steps, then ramp in linearly).",
     )
     accuracy: str | None = Field(
         None, description="Label of the verifier whose score >= 1 means correct (accuracy metrics, DAPO's "

@@ -85,6 +85,14 @@ def test_verifier_params_are_checked_at_load():
     assert cfg.reward.verifiers[0].params == {"placeholders": ["answer"]}
 
 
+def test_length_shaper_warmup_is_checked_at_load():
+    with pytest.raises(ConfigError, match=r"reward.length_shapers: unknown parameter 'dely_steps' for "
+                                          r"length_shapers\[0\].warmup"):
+        load_config(None, ["reward.length_shapers=[{name: kimi, warmup: {dely_steps: 4}}]"])
+    cfg = load_config(None, ["reward.length_shapers=[{name: kimi, warmup: {delay_steps: 4, ramp_steps: 4}}]"])
+    assert cfg.reward.length_shapers[0]["warmup"] == {"delay_steps": 4, "ramp_steps": 4}
+
+
 def test_missing_group_suggests(tmp_path):
     r = tmp_path / "recipes" / "x.yaml"
     r.parent.mkdir()
@@ -172,6 +180,26 @@ def test_multistep_kimi_boxed_differs_from_kimi_only_in_the_box_and_the_ramp():
         for v in r["reward"]["verifiers"]:
             v.pop("params")
     assert a == b
+
+
+@pytest.mark.parametrize("name", ["budget_penalty", "l1", "brpo"])
+def test_multistep_length_recipes_share_its_setup(name):
+    """The length recipes of the multi-step task: same model, problems, splits and samples as GRPO's; the
+    budget recipes add a prompt budget, keep the box like multistep_kimi_boxed and delay their term."""
+    q = load_config(ROOT / "recipes/multistep.yaml").model_dump()
+    r = load_config(ROOT / f"recipes/multistep_{name}.yaml").model_dump()
+    for key in ("seed", "learner", "model", "eval", "train"):
+        assert r[key] == q[key], key
+    assert {**r["data"], "budget": None} == q["data"] and r["engine"] == q["engine"]
+    if name == "brpo":
+        assert r["algorithm"]["advantage"] == "brpo" and r["data"]["budget"] is None
+        assert r["algorithm"]["advantage_params"]["b_max"] == q["engine"]["max_new_tokens"]
+        return
+    kimi = load_config(ROOT / "recipes/multistep_kimi_boxed.yaml").model_dump()
+    assert r["reward"]["verifiers"] == kimi["reward"]["verifiers"] and r["algorithm"] == q["algorithm"]
+    (shaper,) = r["reward"]["length_shapers"]
+    assert shaper["warmup"] == {"delay_steps": 4, "ramp_steps": 4}
+    assert r["data"]["budget"]["prior"] == {"budget_penalty": "fixed", "l1": "uniform"}[name]
 
 
 def test_budget_penalty_boxed_is_budget_penalty_from_the_quickstart_adapter():

@@ -106,6 +106,36 @@ def test_kimi_warmup_schedule() -> None:
         [0.0, -0.1, 0.2 / 3, -0.2 / 6])
 
 
+def test_warmup_scales_any_shaper() -> None:
+    """``warmup`` beside a shaper's params: budget penalty over a budget of 20, lam 1, delay 2, ramp 2."""
+    shaping = LengthShaping.from_config(
+        [{"name": "budget_penalty", "warmup": {"delay_steps": 2, "ramp_steps": 2}}])
+    lengths, correct, budgets = [30, 10], [1, 1], [20, 20]  # terms without warm-up: -0.5, 0
+    for step, factor in ((1, 0.0), (2, 0.0), (3, 0.5), (4, 1.0), (9, 1.0)):
+        rewards, metrics = shaping(_ctx(lengths, correct, budgets=budgets, step=step))
+        assert rewards == _approx([1.0 - 0.5 * factor, 1.0])
+        assert metrics["length/budget_penalty/warmup"] == factor
+        assert metrics["length/budget_penalty/term_mean"] == _approx(-0.25 * factor)
+    # no warm-up: full strength at step 1, and no warm-up metric
+    rewards, metrics = LengthShaping.from_config([{"name": "budget_penalty"}])(
+        _ctx(lengths, correct, budgets=budgets, step=1))
+    assert rewards == _approx([0.5, 1.0]) and "length/budget_penalty/warmup" not in metrics
+    # Kimi's own delay_steps / ramp_steps are the same schedule
+    kw = dict(group_ids=[0, 0, 0, 0])
+    own = LengthShaping.from_config([{"name": "kimi", "params": {"weight": 0.8, "delay_steps": 3, "ramp_steps": 4}}])
+    spec = LengthShaping.from_config([{"name": "kimi", "params": {"weight": 0.8},
+                                       "warmup": {"delay_steps": 3, "ramp_steps": 4}}])
+    for step in range(1, 10):
+        ctx = _ctx([100, 400, 150, 300], [0, 1, 1, 0], step=step, **kw)
+        assert own(ctx)[0] == _approx(spec(ctx)[0])
+    with pytest.raises(ValueError, match="unknown parameter 'dely_steps' for length_shapers\\[0\\].warmup. "
+                                         "Did you mean 'delay_steps'"):
+        LengthShaping.from_config([{"name": "kimi", "warmup": {"dely_steps": 2}}])
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="warmup.ramp_steps must be an integer >= 0"):
+            LengthShaping.from_config([{"name": "kimi", "warmup": {"ramp_steps": bad}}])
+
+
 def test_kimi_needs_group_ids() -> None:
     with pytest.raises(ValueError, match="'kimi' needs LengthContext.group_ids"):
         build_shaper("kimi").terms(_ctx([1, 2], [1, 0]))
