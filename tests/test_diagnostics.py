@@ -92,6 +92,11 @@ def test_compare_overlays_the_runs_budget_curves(tmp_path, capsys, monkeypatch):
     by = {(r["mode"], r["budget"]): (r["accuracy"], r["tokens_mean"]) for r in calls[0]}
     assert by[("q [seeds 0,1]", 32)] == pytest.approx((0.15, 31.0)) and by[("q [seeds 0,1]", 64)] == pytest.approx((0.35, 55.0))
     assert by[("k_s0", 32)] == (0.25, 20.0) and len(by) == 3
+    # a third seed without a budget evaluation: the line still averages, and is labelled by, seeds 0 and 1
+    third = _run(tmp_path, "q_s2", 2, [{"reward/mean": 0.1}])
+    calls.clear()
+    plot_compare_budgets([*runs, third], tmp_path / "b3.png")
+    assert {r["mode"] for r in calls[0]} == {"q [seeds 0,1]"}
     assert main(["compare", *map(str, runs), str(other), "--png", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c_budgets.png").stat().st_size > 1000
     assert "c_budgets.png" in capsys.readouterr().out

@@ -345,9 +345,11 @@ def plot_compare_budgets(run_dirs: list[str | Path], out: str | Path, by_seed: b
     records = []
     for g in _group_indices(dirs, by_seed):
         members = [dirs[i] for i in g]
-        label = members[0].name if len(g) == 1 else _group_label([d.name for d in members],
-                                                                 [run_seed(d) for d in members])
         points = [_budget_points(d) for d in members]
+        done = [d for d, p in zip(members, points) if p]  # the label names the seeds that were evaluated
+        if not done:
+            continue
+        label = members[0].name if len(g) == 1 else _group_label([d.name for d in done], [run_seed(d) for d in done])
         for mode, budget in sorted({k for p in points for k in p}):
             vals = [p[(mode, budget)] for p in points if (mode, budget) in p]
             records.append({"mode": label if mode == "unguided" else f"{label} ({mode})", "budget": budget,
