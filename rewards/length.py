@@ -437,7 +437,12 @@ class LengthShaping:
     """
 
     shapers: list[LengthShaper] = field(default_factory=list)
-    warmups: list[Warmup] = field(default_factory=list)  # one per shaper; missing = no warm-up
+    warmups: list[Warmup] = field(default_factory=list)  # one per shaper; none given = no warm-up
+
+    def __post_init__(self) -> None:
+        self.warmups = list(self.warmups) or [Warmup() for _ in self.shapers]
+        if len(self.warmups) != len(self.shapers):
+            raise ValueError(f"LengthShaping has {len(self.shapers)} shapers but {len(self.warmups)} warm-ups")
 
     @classmethod
     def from_config(cls, specs: Sequence[Mapping[str, Any]] | None) -> LengthShaping:
@@ -460,9 +465,8 @@ class LengthShaping:
     def __call__(self, ctx: LengthContext) -> tuple[list[float], dict[str, float]]:
         """Apply every shaper in order; returns (rewards_B, metrics)."""
         metrics: dict[str, float] = {}
-        for i, shaper in enumerate(self.shapers):
+        for shaper, warmup in zip(self.shapers, self.warmups):
             terms = shaper.terms(ctx)
-            warmup = self.warmups[i] if i < len(self.warmups) else Warmup()
             if warmup:
                 f = warmup.factor(ctx.step)
                 terms = [f * t for t in terms]

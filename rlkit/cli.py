@@ -200,10 +200,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(f"rlkit: {e}", file=sys.stderr)
         return 2
     print(format_markdown(rows))
-    paired = format_paired(paired_differences(args.run_dirs), rows[0]["run"]) if args.by_seed else ""
+    groups = group_runs(args.run_dirs, args.by_seed)
+    paired = format_paired(paired_differences(groups), rows[0]["run"]) if args.by_seed else ""
     if paired:
         print("\n" + paired)
-    print("\nMethod diagnostics:\n\n" + diagnostics_table(group_runs(args.run_dirs, args.by_seed), [r["run"] for r in rows]))
+    print("\nMethod diagnostics:\n\n" + diagnostics_table(groups, [r["run"] for r in rows]))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     if args.png:

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from rlkit.cli import main
+from rlkit.tools.compare import group_runs
 from rlkit.tools.paired import format_paired, paired_differences
 
 
@@ -36,7 +37,7 @@ def _runs(tmp_path):
 
 def test_paired_differences_worked_example(tmp_path):
     base, other, lone = _runs(tmp_path)
-    rows = paired_differences([*base, *other, *lone])
+    rows = paired_differences(group_runs([*base, *other, *lone]))
     assert [r["run"] for r in rows] == ["t_s0, t_s1, t_s2, t_s3", "s_s0"]
     t, s = rows
     assert t["seeds"] == [0, 1, 2]
@@ -61,8 +62,8 @@ def test_paired_differences_worked_example(tmp_path):
 
 def test_no_pairs_no_table(tmp_path):
     base, other, _ = _runs(tmp_path)
-    assert paired_differences(base) == []  # one group only
-    assert paired_differences([base[0], other[3]]) == []  # seeds 0 and 3 share nothing
+    assert paired_differences(group_runs(base)) == []  # one group only
+    assert paired_differences(group_runs([base[0], other[3]])) == []  # seeds 0 and 3 share nothing
     assert format_paired([], "g") == ""
 
 

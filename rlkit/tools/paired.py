@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rlkit.tools.compare import compare_runs, group_runs, mean_ci, run_seed, split_names
+from rlkit.tools.compare import compare_runs, mean_ci, run_seed, split_names
 
 __all__ = ["paired_differences", "format_paired"]
 
@@ -33,21 +33,22 @@ def _delta(key: str, base: dict[str, Any], other: dict[str, Any]) -> float | Non
     return o - b
 
 
-def paired_differences(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
-    """One row per non-baseline group that shares at least one seed with the baseline group.
+def paired_differences(groups: list[list[Path]]) -> list[dict[str, Any]]:
+    """One row per non-baseline group that shares at least one seed with the baseline group (the first).
 
-    Each row: ``run`` (the group's runs), ``seeds`` (the shared seeds) and, per compared key ``k``
-    (``acc_after``, ``acc_after:<split>``, ``format_after``, ``tokens_after``), ``k`` = mean paired
-    difference, ``k_ci95`` = its 95% half-width (``None`` below two seeds) and ``k_values`` = the
-    per-seed differences in seed order. A run without a seed in its config is not paired.
+    ``groups``: run dirs grouped by config (:func:`rlkit.tools.compare.group_runs` with ``by_seed``).
+    Each row: ``run`` (the group's runs), ``seeds`` (the shared seeds), ``splits`` (the extra held-out
+    splits) and, per compared key ``k`` (``acc_after``, ``acc_after:<split>``, ``format_after``,
+    ``tokens_after``), ``k`` = mean paired difference, ``k_ci95`` = its 95% half-width (``None`` below two
+    seeds) and ``k_values`` = the per-seed differences in seed order. A run without a seed in its config
+    is not paired.
     """
-    groups = group_runs(run_dirs, by_seed=True)
     if len(groups) < 2:
         return []
     flat = [d for g in groups for d in g]
     rows = dict(zip(flat, compare_runs(flat)))
-    keys = ["acc_after", *[f"acc_after:{n}" for n in split_names(list(rows.values()))], "format_after",
-            "tokens_after"]
+    splits = split_names(list(rows.values()))
+    keys = ["acc_after", *[f"acc_after:{n}" for n in splits], "format_after", "tokens_after"]
 
     def by_seed(group: list[Path]) -> dict[int, dict[str, Any]]:
         return {s: rows[d] for d in group if (s := run_seed(d)) is not None}
@@ -59,7 +60,7 @@ def paired_differences(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
         shared = sorted(set(mine) & set(base))
         if not shared:
             continue
-        row: dict[str, Any] = {"run": ", ".join(d.name for d in group), "seeds": shared}
+        row: dict[str, Any] = {"run": ", ".join(d.name for d in group), "seeds": shared, "splits": splits}
         for k in keys:
             vals = [v for s in shared if (v := _delta(k, base[s], mine[s])) is not None]
             row[k], row[f"{k}_ci95"] = mean_ci(vals)
@@ -84,7 +85,7 @@ def format_paired(rows: list[dict[str, Any]], baseline: str) -> str:
     """A markdown table of :func:`paired_differences`; ``""`` when no group shares a seed with the baseline."""
     if not rows:
         return ""
-    splits = [k.split(":", 1)[1] for k in rows[0] if k.startswith("acc_after:") and not k.endswith(("_ci95", "_values"))]
+    splits = rows[0]["splits"]
     head = ("| run | seeds | accuracy Δ " + "".join(f"| {n} accuracy Δ " for n in splits)
             + "| `\\boxed{}` Δ | tokens Δ |")
     lines = [f"Paired by seed against {baseline} (other − baseline on each shared seed; mean ± 95% interval "
