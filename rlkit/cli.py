@@ -216,6 +216,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_archive(args: argparse.Namespace) -> int:
+    from rlkit.tools.archive import archive_runs
+
+    try:
+        done = archive_runs(args.run_dirs, args.to)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"rlkit: {e}", file=sys.stderr)
+        return 2
+    for target, n, size in done:
+        print(f"{target}: {n} files, {size / 1024:.0f} KiB")
+    return 0
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     """One ``rlkit train`` per seed (through ``_cmd_train``), skipping done seeds, then the grouped table."""
     from rlkit.config import config_dict, load_config
@@ -367,6 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="merge runs whose configs differ only in seed / name / output_dir into one row: mean "
                          "± 95%% CI half-width over the seeds (default: on)")
     cp.set_defaults(fn=_cmd_compare)
+    ar = sub.add_parser("archive", help="copy runs' records (config, metrics, evaluations, figures; no "
+                                       "weights) to DIR/<run name>/, for rlkit compare later")
+    ar.add_argument("run_dirs", nargs="+")
+    ar.add_argument("--to", required=True, metavar="DIR")
+    ar.set_defaults(fn=_cmd_archive)
     sw = sub.add_parser("sweep", help="train a recipe once per seed (resumable), then compare the seeds")
     sw.add_argument("recipe")
     sw.add_argument("overrides", nargs="*", help="dotted overrides for every seed, e.g. train.steps=5")

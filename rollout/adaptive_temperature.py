@@ -63,8 +63,29 @@ def adapted_temperature(
     if stats is None:
         return temperature_B
     scale_B = temperature_B.to(logits_BV.device).clamp_min(eps)[:, None]  # greedy rows: any finite scale
-    h_hat_B = normalized_entropy(logits_entropy(logits_BV.float() / scale_B), stats, eps)
-    return torch.where(temperature_B > 0, temperature_B * (1.0 + tau * h_hat_B), temperature_B)
+    factor_B = temperature_factor(logits_entropy(logits_BV.float() / scale_B), stats, tau, eps)
+    return torch.where(temperature_B > 0, temperature_B * factor_B, temperature_B)
+
+
+def temperature_factor(
+    entropy_B: torch.Tensor, stats: Sequence[float], tau: float = 0.05, eps: float = SAMPLING_EPS
+) -> torch.Tensor:
+    """``T'/T = 1 + τ ĥ`` for entropies measured at the request temperature. (B,) -> (B,)."""
+    return 1.0 + tau * normalized_entropy(entropy_B, stats, eps)
+
+
+def temperature_factor_summary(
+    entropy_N: torch.Tensor, stats: Sequence[float], tau: float = 0.05, eps: float = SAMPLING_EPS
+) -> dict[str, float]:
+    """How a step's sampling temperature moved: ``mean`` / ``min`` / ``max`` of ``T'/T`` over the
+    tokens whose entropies (at ``T``, under the policy that sampled them) are ``entropy_N``, and the
+    fractions sampled hotter (``heated_frac``: ``T' > T``) and colder (``cooled_frac``) than asked.
+    Empty dict for no tokens."""
+    if entropy_N.numel() == 0:
+        return {}
+    f_N = temperature_factor(entropy_N.reshape(-1), stats, tau, eps)
+    return {"mean": float(f_N.mean()), "min": float(f_N.min()), "max": float(f_N.max()),
+            "heated_frac": float((f_N > 1).float().mean()), "cooled_frac": float((f_N < 1).float().mean())}
 
 
 class AdaptiveTemperature:

@@ -32,6 +32,8 @@ from rollout.adaptive_temperature import (
     adapted_temperature,
     logits_entropy,
     normalized_entropy,
+    temperature_factor,
+    temperature_factor_summary,
 )
 from rollout.engine import RolloutRequest, SamplingParams
 from rollout.hf import HFEngine
@@ -146,6 +148,22 @@ def test_temperature_row_worked_example_b(release: bool) -> None:
     ref = temps * (1 + 0.05 * normalized_entropy(logits_entropy(tempered), st))
     assert torch.allclose(out, ref) and out[1] == 0.0
     assert torch.equal(adapted_temperature(logits, temps, None), temps)
+
+
+def test_temperature_factor_summary_worked_example() -> None:
+    """Stats (m, s, scale_pos, scale_neg) = (0, 1, 1, 2), tau = 0.1. Entropies e^0.5, e^-0.25, e^3, e^0:
+    h = 0.5, -0.25 * 2 = -0.5, 3 -> clamped 1, 0, so T'/T = 1.05, 0.95, 1.10, 1.00: mean 1.025,
+    min 0.95, max 1.10, heated 2/4, cooled 1/4 (h is divided by s + 1e-6, so to ~1e-6)."""
+    ent = torch.tensor([math.exp(0.5), math.exp(-0.25), math.exp(3.0), 1.0])
+    got = temperature_factor_summary(ent, (0.0, 1.0, 1.0, 2.0), tau=0.1)
+    assert got == pytest.approx({"mean": 1.025, "min": 0.95, "max": 1.10, "heated_frac": 0.5, "cooled_frac": 0.25},
+                                abs=1e-6)
+    assert temperature_factor_summary(torch.zeros(0), (0.0, 1.0, 1.0, 1.0)) == {}
+    # the sampler's own T' is T times the same factor
+    logits = torch.randn(4, 9, generator=torch.Generator().manual_seed(2))
+    st = (0.3, 0.4, 1.2, 0.8)
+    assert torch.allclose(adapted_temperature(logits, torch.ones(4), st, tau=0.1),
+                          temperature_factor(logits_entropy(logits), st, tau=0.1))
 
 
 def test_sampler_reads_entropy_on_the_learners_scale_at_t_below_one() -> None:

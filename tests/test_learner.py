@@ -229,6 +229,13 @@ def test_hapo_sampling_statistics_come_from_the_pre_update_policy(tiny_model_dir
     expected = [float(x) for x in hapo_sampling_stats(ent[rows][batch.response_mask_BT[rows] > 0], pivot=0.8)]
     learner.train_step(batch)
     assert learner.entropy_stats(0.8) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    # how a sampler using `applied` moved these tokens' temperature: the same entropies, summarised
+    from rollout.adaptive_temperature import temperature_factor_summary
+
+    applied = [expected[0] + 0.1, expected[1], 1.0, 1.0]
+    want = temperature_factor_summary(ent[rows][batch.response_mask_BT[rows] > 0], applied, 0.05)
+    assert learner.temperature_stats(applied, 0.05) == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert 0.95 <= want["min"] < 1 < want["max"] <= 1.05
 
 
 def test_dmmpt_positives_are_correct_samples_not_positive_advantages(tiny_model_dir):

@@ -337,12 +337,22 @@ class DeepSpeedLearner:
         """HAPO sampling statistics (docs/algorithms.md §3.1) of the last step's entropies on all ranks (collective)."""
         from rlkit.algorithms.hapo import hapo_sampling_stats
 
-        local = torch.cat(self._entropies) if self._entropies else torch.zeros(0)
-        ents = torch.cat(self._gather_objects(local))
+        ents = self._all_entropies()
         if ents.numel() == 0:
             return None
         stats = hapo_sampling_stats(ents, pivot=pivot, replicate_release_sign=replicate_release_sign)
         return None if stats is None else [float(x) for x in stats]
+
+    def temperature_stats(self, applied: list[float], tau: float) -> dict[str, float]:
+        """HAPO's ``T'/T`` over the last step's tokens on all ranks (collective; see the torch learner)."""
+        from rollout.adaptive_temperature import temperature_factor_summary
+
+        return temperature_factor_summary(self._all_entropies(), applied, tau)
+
+    def _all_entropies(self) -> torch.Tensor:
+        """The last step's kept entropies of every rank, concatenated (collective)."""
+        local = torch.cat(self._entropies) if self._entropies else torch.zeros(0)
+        return torch.cat(self._gather_objects(local))
 
     # ------------------------------------------------------------------ sync / checkpoint
     def _gathered(self, names: set[str] | None = None, *, device: torch.device | str = "cpu",

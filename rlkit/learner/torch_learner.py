@@ -460,6 +460,14 @@ class TorchLearner:
         stats = hapo_sampling_stats(torch.cat(ents), pivot=pivot, replicate_release_sign=replicate_release_sign)
         return None if stats is None else [float(x) for x in stats]
 
+    def temperature_stats(self, applied: list[float], tau: float) -> dict[str, float]:
+        """How HAPO's adaptive temperature moved the last step's sampling: ``T'/T`` summarised over the
+        step's tokens (``rollout.adaptive_temperature.temperature_factor_summary``), from the same
+        pre-update entropies as ``entropy_stats`` and the statistics ``applied`` the sampler used."""
+        from rollout.adaptive_temperature import temperature_factor_summary
+
+        return temperature_factor_summary(torch.cat(self._entropies), applied, tau) if self._entropies else {}
+
     # ------------------------------------------------------------------ sync / checkpoint
     def state_for_sync(self) -> dict[str, Tensor]:
         """Tensors the engines need: the adapter only under LoRA, else all weights."""

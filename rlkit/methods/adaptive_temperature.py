@@ -5,6 +5,8 @@ request temperature, from the pre-update pass); the next training rollout sample
 ``T' = T (1 + tau h)`` with ``h`` the token's normalised entropy under those statistics
 (:mod:`rollout.adaptive_temperature`, docs/algorithms.md §3.2). The statistics are checkpointed, so
 a resumed run samples as an uninterrupted one. The first step has no statistics: plain sampling.
+From the second step on it logs how far the temperature moved: ``hapo/temperature_factor_{mean,min,max}``
+(``T'/T`` over the step's tokens) and ``hapo/temperature_{heated,cooled}_frac``.
 """
 
 from __future__ import annotations
@@ -50,8 +52,12 @@ class AdaptiveTemperatureStage(Stage):
         import ray
 
         at = self.ctx.cfg.engine.adaptive_temperature
+        moved = {}
+        if self.stats is not None:  # how the statistics this step sampled with moved its temperature
+            moved = ray.get(learner.temperature_stats.remote(self.stats, at.tau))
         self.stats = ray.get(learner.entropy_stats.remote(at.pivot, at.replicate_release_sign))
-        return {}
+        return {f"hapo/temperature_factor_{k}" if k in ("mean", "min", "max") else f"hapo/temperature_{k}": v
+                for k, v in moved.items()}
 
     def state_dict(self) -> list[float] | None:
         return self.stats

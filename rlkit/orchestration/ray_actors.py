@@ -82,7 +82,7 @@ class DeepSpeedLearnerGroup:
     references are checked (without waiting) at the next call, so their errors surface too.
     """
 
-    METHODS = ("train_step", "entropy_stats", "state_for_sync", "checkpoint_state", "load_checkpoint_state",
+    METHODS = ("train_step", "entropy_stats", "temperature_stats", "state_for_sync", "checkpoint_state", "load_checkpoint_state",
                "save_checkpoint_files", "restore_checkpoint_files", "export", "info", "compute_logprobs", "gradients", "node", "free_port",
                "sync_group_join", "sync_send", "sync_group_leave", "sync_plan")
 

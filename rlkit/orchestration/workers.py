@@ -162,6 +162,9 @@ class LearnerWorker:
     def entropy_stats(self, pivot: float, replicate_release_sign: bool = False):
         return self.learner.entropy_stats(pivot, replicate_release_sign)
 
+    def temperature_stats(self, applied: list[float], tau: float):
+        return self.learner.temperature_stats(applied, tau)
+
     def state_for_sync(self):
         """Weights as numpy arrays: Ray stores them as out-of-band buffers and engines on the same
         node read them without a pickle copy."""

@@ -1,8 +1,10 @@
 """Method diagnostics of finished runs, for ``rlkit compare``: does a method have something to act on?
 
 Every method logs its own per-step statistics (``spae/num_steps_mean``: step boundaries found per
-response; ``tempo/branch_frac``: tokens at a prefix-tree branch point; ``hapo/high_entropy_frac``: tokens
-above the entropy threshold; ``length/kimi/weight``: the ramped length weight; ...). This module reads
+response; ``tempo/branch_frac``: tokens at a prefix-tree branch point; ``actor/hapo/high_entropy_frac``:
+tokens above the entropy threshold, ``hapo/temperature_factor_mean``: HAPO's sampling temperature over the
+asked one; ``length/kimi/weight``: the ramped length weight; ``rollout/gen_rounds``: generation rounds of
+DAPO's dynamic sampling; ...). This module reads
 them from each run's ``metrics.jsonl`` and reports, per key, the value at the first and last logged step
 and the mean over all steps, so a result table can say *why* a method did or did not change anything
 (SPAE with no steps, TEMPO with no branches, HAPO with no high-entropy tokens).
@@ -21,7 +23,8 @@ from rlkit.infra.tracking import read_metrics
 __all__ = ["METHOD_PREFIXES", "COMMON_KEYS", "run_diagnostics", "group_diagnostics", "format_diagnostics",
            "diagnostics_table"]
 
-METHOD_PREFIXES = ("tempo/", "spae/", "hapo/", "dmmpt/", "brpo/", "length/", "anytime/", "segments/")
+METHOD_PREFIXES = ("tempo/", "spae/", "hapo/", "actor/hapo/", "hapo_token_mean/", "dmmpt/", "brpo/", "length/",
+                   "anytime/", "segments/", "rollout/")
 COMMON_KEYS = ("actor/entropy", "actor/clip_frac")
 _DROPPED = ("spae/probe_engine_calls", "spae/probe_gen_tokens", "spae/probe_rows_no_answer",
             "spae/probe_boundaries", "spae/saturation_count")
