@@ -40,6 +40,10 @@ def test_compare_rows_and_table(tmp_path):
     assert compare_runs([a])[0]["peak_pss_gib"] == pytest.approx(6.5)
     table = format_markdown(rows)
     assert "| short | grpo / ppo_clip / kimi | 4 | 25.0% → 45.0% |" in table
+    cfg = yaml.safe_load((b / "config.yaml").read_text())
+    cfg["algorithm"].update(dynamic_sampling={"enabled": True}, overlong_shaping={"enabled": True})
+    (b / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert compare_runs([b])[0]["method"] == "grpo / ppo_clip / kimi / dynamic sampling / overlong shaping"
     assert "| -40% |" in table  # 24 tokens vs the baseline's 40
 
 

@@ -154,6 +154,9 @@ def test_two_ranks_equal_the_torch_learner(tiny_model_dir, ray_session, tmp_path
         lp = _get(group.compute_logprobs.remote(batch))
         torch.testing.assert_close(lp, ref.compute_logprobs(batch), atol=1e-4, rtol=0)
         assert _get(group.entropy_stats.remote(0.8)) == pytest.approx(ref.entropy_stats(0.8), rel=1e-5)
+        applied = [0.0, 1.0, 1.0, 1.0]
+        assert _get(group.temperature_stats.remote(applied, 0.05)) == pytest.approx(
+            ref.temperature_stats(applied, 0.05), rel=1e-5)
 
         # resume: the pre-step checkpoint through disk, restored, the step redone -> the same weights
         from rlkit.infra.checkpoint import load_checkpoint, save_checkpoint

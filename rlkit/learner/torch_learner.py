@@ -252,11 +252,9 @@ def run_train_step(learner: Any, batch: TrainBatch, keep_entropies: bool = True)
 
 
 def aggregation_counts(batch: TrainBatch, rows: list[int], norm_length: float) -> dict[str, float]:
-    """Token/sequence counts of the whole mini-batch ``rows``, the divisors of :func:`aggregate`.
-
-    Every micro-batch (and data-parallel shard) divides by these, so the summed gradients equal
-    the whole mini-batch's gradient however its rows are split.
-    """
+    """Token/sequence counts of the whole mini-batch ``rows``, the divisors of :func:`aggregate`: every
+    micro-batch (and data-parallel shard) divides by these, so the summed gradients equal the whole
+    mini-batch's gradient however its rows are split."""
     mask = batch.response_mask_BT[rows]
     num_seqs = float((mask.sum(-1) > 0).sum().clamp(min=1))  # fully masked rows are not sequences (verl)
     return dict(num_tokens=float(mask.sum().clamp(min=1.0)), num_seqs=num_seqs, norm_length=norm_length)
@@ -447,23 +445,18 @@ class TorchLearner:
         return acc
 
     def entropy_stats(self, pivot: float, replicate_release_sign: bool = False) -> list[float] | None:
-        """HAPO sampling statistics (docs/algorithms.md §3.1) of the last train step's per-token policy entropies,
-        all from the policy before the step's first update (the one that sampled the batch): the
-        old-log-prob recompute pass when there is one, else the first update's forward passes
-        (all rows on-policy; the first mini-batch with ``old_logprobs: rollout`` and several
-        updates). No extra forward pass; ``None`` if there are no entropies."""
+        """HAPO sampling statistics (docs/algorithms.md §3.1) of the last step's token entropies under the policy
+        that sampled the batch: the old-log-prob pass, else the first update's forward passes (the first
+        mini-batch with ``old_logprobs: rollout``). No extra forward pass; ``None`` without entropies."""
         from rlkit.algorithms.hapo import hapo_sampling_stats
 
-        ents = self._entropies
-        if not ents:
-            return None
-        stats = hapo_sampling_stats(torch.cat(ents), pivot=pivot, replicate_release_sign=replicate_release_sign)
+        stats = hapo_sampling_stats(torch.cat(self._entropies), pivot=pivot,
+                                    replicate_release_sign=replicate_release_sign) if self._entropies else None
         return None if stats is None else [float(x) for x in stats]
 
     def temperature_stats(self, applied: list[float], tau: float) -> dict[str, float]:
-        """How HAPO's adaptive temperature moved the last step's sampling: ``T'/T`` summarised over the
-        step's tokens (``rollout.adaptive_temperature.temperature_factor_summary``), from the same
-        pre-update entropies as ``entropy_stats`` and the statistics ``applied`` the sampler used."""
+        """HAPO's ``T'/T`` over the last step's tokens, from the entropies of ``entropy_stats`` and the
+        statistics ``applied`` that the sampler used (``temperature_factor_summary``)."""
         from rollout.adaptive_temperature import temperature_factor_summary
 
         return temperature_factor_summary(torch.cat(self._entropies), applied, tau) if self._entropies else {}

@@ -112,6 +112,10 @@ def _method(cfg_path: Path) -> str:
     shapers = [s.get("name", "?") for s in c.get("reward", {}).get("length_shapers", []) or []]
     if shapers:
         parts.append("+".join(shapers))
+    if (a.get("dynamic_sampling") or {}).get("enabled"):
+        parts.append("dynamic sampling")
+    if (a.get("overlong_shaping") or {}).get("enabled"):
+        parts.append("overlong shaping")
     if (c.get("data") or {}).get("budget"):
         parts.append("budget-in-prompt")
     return " / ".join(parts)
