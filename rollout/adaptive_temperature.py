@@ -77,14 +77,14 @@ def temperature_factor(
 def temperature_factor_summary(
     entropy_N: torch.Tensor, stats: Sequence[float], tau: float = 0.05, eps: float = SAMPLING_EPS
 ) -> dict[str, float]:
-    """How a step's sampling temperature moved: ``mean`` / ``min`` / ``max`` of ``T'/T`` over the
-    tokens whose entropies (at ``T``, under the policy that sampled them) are ``entropy_N``, and the
-    fractions sampled hotter (``heated_frac``: ``T' > T``) and colder (``cooled_frac``) than asked.
-    Empty dict for no tokens."""
+    """How a step's sampling temperature moved: ``factor_mean`` / ``factor_min`` / ``factor_max`` of
+    ``T'/T`` over the tokens whose entropies (at ``T``, under the policy that sampled them) are
+    ``entropy_N``, and the fractions sampled hotter (``heated_frac``: ``T' > T``) and colder
+    (``cooled_frac``) than asked. Empty dict for no tokens."""
     if entropy_N.numel() == 0:
         return {}
     f_N = temperature_factor(entropy_N.reshape(-1), stats, tau, eps)
-    return {"mean": float(f_N.mean()), "min": float(f_N.min()), "max": float(f_N.max()),
+    return {"factor_mean": float(f_N.mean()), "factor_min": float(f_N.min()), "factor_max": float(f_N.max()),
             "heated_frac": float((f_N > 1).float().mean()), "cooled_frac": float((f_N < 1).float().mean())}
 
 

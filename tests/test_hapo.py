@@ -156,7 +156,8 @@ def test_temperature_factor_summary_worked_example() -> None:
     min 0.95, max 1.10, heated 2/4, cooled 1/4 (h is divided by s + 1e-6, so to ~1e-6)."""
     ent = torch.tensor([math.exp(0.5), math.exp(-0.25), math.exp(3.0), 1.0])
     got = temperature_factor_summary(ent, (0.0, 1.0, 1.0, 2.0), tau=0.1)
-    assert got == pytest.approx({"mean": 1.025, "min": 0.95, "max": 1.10, "heated_frac": 0.5, "cooled_frac": 0.25},
+    assert got == pytest.approx({"factor_mean": 1.025, "factor_min": 0.95, "factor_max": 1.10, "heated_frac": 0.5,
+                                "cooled_frac": 0.25},
                                 abs=1e-6)
     assert temperature_factor_summary(torch.zeros(0), (0.0, 1.0, 1.0, 1.0)) == {}
     # the sampler's own T' is T times the same factor

@@ -235,7 +235,7 @@ def test_hapo_sampling_statistics_come_from_the_pre_update_policy(tiny_model_dir
     applied = expected  # the step's own statistics: tokens on both sides of the median entropy
     want = temperature_factor_summary(ent[rows][batch.response_mask_BT[rows] > 0], applied, 0.05)
     assert learner.temperature_stats(applied, 0.05) == pytest.approx(want, rel=1e-5, abs=1e-6)
-    assert 0.95 - 1e-6 <= want["min"] < 1 < want["max"] <= 1.05 + 1e-6
+    assert 0.95 - 1e-6 <= want["factor_min"] < 1 < want["factor_max"] <= 1.05 + 1e-6
 
 
 def test_dmmpt_positives_are_correct_samples_not_positive_advantages(tiny_model_dir):

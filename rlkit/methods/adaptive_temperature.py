@@ -56,8 +56,7 @@ class AdaptiveTemperatureStage(Stage):
         if self.stats is not None:  # how the statistics this step sampled with moved its temperature
             moved = ray.get(learner.temperature_stats.remote(self.stats, at.tau))
         self.stats = ray.get(learner.entropy_stats.remote(at.pivot, at.replicate_release_sign))
-        return {f"hapo/temperature_factor_{k}" if k in ("mean", "min", "max") else f"hapo/temperature_{k}": v
-                for k, v in moved.items()}
+        return {f"hapo/temperature_{k}": v for k, v in moved.items()}
 
     def state_dict(self) -> list[float] | None:
         return self.stats
